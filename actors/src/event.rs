@@ -1,0 +1,273 @@
+//! What travels through the pipeline, and how a broker delivery becomes an event.
+//!
+//! A delivery is validated once, at the edge, by [`EventData::from_delivery`]:
+//! anything the database would refuse for a reason we can see here (not UTF-8,
+//! not JSON, empty, too large) becomes a [`DeadLetter`] carrying its reason, and
+//! never reaches the Queue. The body is kept as the original JSON text: it is
+//! neither parsed into a tree nor re-serialised on the way to PostgreSQL.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+/// Identifies one delivery: the channel it came on (a generation number that
+/// changes on every reconnect) and the broker's delivery tag on that channel.
+///
+/// Settling a `DeliveryRef` of an older generation is a no-op: its channel is
+/// gone and the broker has already requeued the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeliveryRef {
+    /// Generation of the consuming channel (starts at 1, bumped on reconnect).
+    pub channel: u64,
+    /// The broker's delivery tag on that channel (starts at 1, no gaps).
+    pub tag: u64,
+}
+
+/// The content of one message, shared (behind `Arc`) by the datastore path and
+/// the live path so that the Tap copies pointers, not payloads.
+#[derive(Debug)]
+pub struct EventData {
+    /// The idempotency key: the AMQP `message_id`, or a derived key (see
+    /// [`derive_message_id`]) when the publisher did not set one.
+    pub message_id: String,
+    /// The routing key the message was published with.
+    pub routing_key: String,
+    /// The body: valid UTF-8, valid JSON, exactly as published.
+    pub payload: String,
+    /// The AMQP headers as a JSON object (`{}` when there are none).
+    pub headers: String,
+    /// The AMQP `timestamp` property (seconds since the epoch), if set.
+    pub published_at: Option<SystemTime>,
+    /// When Sluice received the delivery.
+    pub received_at: SystemTime,
+    /// The original AMQP properties, kept so a dead letter can be republished
+    /// faithfully.
+    pub properties: BasicProperties,
+}
+
+/// One event in flight: its content and the deliveries it settles.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The delivery this event came from.
+    pub delivery: DeliveryRef,
+    /// Further deliveries merged into this one by the Queue's deduplication or
+    /// conflation; they are acked when this event's row commits, never before.
+    pub merged: Vec<DeliveryRef>,
+    /// The content, shared with the live path.
+    pub data: Arc<EventData>,
+}
+
+impl Event {
+    /// Every delivery that this event's commit settles.
+    pub fn deliveries(&self) -> impl Iterator<Item = DeliveryRef> + '_ {
+        std::iter::once(self.delivery).chain(self.merged.iter().copied())
+    }
+}
+
+/// Why a message was dead-lettered; written into the `x-sluice-reason` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadReason {
+    /// The body was empty.
+    Empty,
+    /// The body was larger than the configured limit.
+    TooLarge,
+    /// The body was not valid UTF-8.
+    NotUtf8,
+    /// The body was not valid JSON.
+    NotJson,
+    /// PostgreSQL refused the row (for example a `\u0000` inside a `jsonb` string).
+    Rejected,
+    /// The Queue was full and its policy dropped this message.
+    Overflow,
+}
+
+impl DeadReason {
+    /// The value of the `x-sluice-reason` header and of the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Empty => "empty",
+            DeadReason::TooLarge => "too_large",
+            DeadReason::NotUtf8 => "not_utf8",
+            DeadReason::NotJson => "not_json",
+            DeadReason::Rejected => "rejected_by_database",
+            DeadReason::Overflow => "overflow",
+        }
+    }
+}
+
+/// A message to move to the dead-letter queue: the original message, and why.
+#[derive(Debug)]
+pub struct DeadLetter {
+    /// The delivery to settle once the dead letter is safely published.
+    pub delivery: DeliveryRef,
+    /// Why it could not be stored.
+    pub reason: DeadReason,
+    /// Human-readable detail (the parser's or the database's message).
+    pub detail: String,
+    /// Routing key of the original message.
+    pub routing_key: String,
+    /// Body of the original message, byte for byte.
+    pub body: Vec<u8>,
+    /// Properties of the original message (headers included).
+    pub properties: BasicProperties,
+}
+
+impl DeadLetter {
+    /// A dead letter for an event that had already been accepted (overflow, or
+    /// refused by the database). Every merged delivery goes with it.
+    pub fn from_event(event: &Event, reason: DeadReason, detail: String) -> Vec<DeadLetter> {
+        event
+            .deliveries()
+            .map(|delivery| DeadLetter {
+                delivery,
+                reason,
+                detail: detail.clone(),
+                routing_key: event.data.routing_key.clone(),
+                body: event.data.payload.as_bytes().to_vec(),
+                properties: event.data.properties.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Limits applied when a delivery is turned into an event.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body accepted, in bytes; larger ones are dead-lettered.
+    pub max_body_bytes: usize,
+}
+
+impl EventData {
+    /// Validates a delivery's body and builds the event content, or explains
+    /// why the message must be dead-lettered.
+    pub fn from_delivery(
+        routing_key: String,
+        body: Vec<u8>,
+        properties: BasicProperties,
+        limits: Limits,
+        received_at: SystemTime,
+    ) -> Result<EventData, (DeadReason, String, Vec<u8>, BasicProperties)> {
+        if body.is_empty() {
+            return Err((DeadReason::Empty, "empty body".into(), body, properties));
+        }
+        if body.len() > limits.max_body_bytes {
+            let detail = format!(
+                "body is {} bytes, the limit (MAX_BODY_BYTES) is {}",
+                body.len(),
+                limits.max_body_bytes
+            );
+            return Err((DeadReason::TooLarge, detail, body, properties));
+        }
+        let payload = match String::from_utf8(body) {
+            Ok(text) => text,
+            Err(err) => {
+                let detail = format!("body is not UTF-8: {}", err.utf8_error());
+                return Err((DeadReason::NotUtf8, detail, err.into_bytes(), properties));
+            }
+        };
+        // Validates without building a tree: RawValue borrows the input.
+        if let Err(err) = serde_json::from_str::<&RawValue>(&payload) {
+            let detail = format!("body is not JSON: {err}");
+            return Err((
+                DeadReason::NotJson,
+                detail,
+                payload.into_bytes(),
+                properties,
+            ));
+        }
+        let published_at = properties
+            .timestamp()
+            .map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
+        let headers = properties
+            .headers()
+            .as_ref()
+            .map(field_table_to_json)
+            .unwrap_or_else(|| serde_json::Value::Object(Default::default()))
+            .to_string();
+        let message_id = match properties.message_id() {
+            Some(id) if !id.as_str().is_empty() => id.as_str().to_owned(),
+            _ => derive_message_id(&routing_key, properties.timestamp(), payload.as_bytes()),
+        };
+        Ok(EventData {
+            message_id,
+            routing_key,
+            payload,
+            headers,
+            published_at,
+            received_at,
+            properties,
+        })
+    }
+}
+
+/// The idempotency key of a message published without a `message_id`:
+/// `sha256:` and the hex SHA-256 of the routing key, the AMQP timestamp (or
+/// nothing) and the body. A redelivery of the same message gets the same key,
+/// so it is stored once; two distinct publishes of byte-identical bodies with
+/// the same routing key and timestamp are, by design, one event.
+pub fn derive_message_id(routing_key: &str, timestamp: &Option<u64>, body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update((routing_key.len() as u64).to_be_bytes());
+    hasher.update(routing_key.as_bytes());
+    match timestamp {
+        Some(ts) => {
+            hasher.update([1]);
+            hasher.update(ts.to_be_bytes());
+        }
+        None => hasher.update([0]),
+    }
+    hasher.update(body);
+    let digest = hasher.finalize();
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for byte in digest {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+/// AMQP headers as a JSON object. Byte arrays and non-UTF-8 strings are kept
+/// lossily (replacement characters): headers are metadata, not the payload.
+pub fn field_table_to_json(table: &FieldTable) -> serde_json::Value {
+    serde_json::Value::Object(
+        table
+            .inner()
+            .iter()
+            .map(|(key, value)| (key.as_str().to_owned(), amqp_value_to_json(value)))
+            .collect(),
+    )
+}
+
+fn amqp_value_to_json(value: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(v) => Value::from(*v),
+        AMQPValue::ShortShortUInt(v) => Value::from(*v),
+        AMQPValue::ShortInt(v) => Value::from(*v),
+        AMQPValue::ShortUInt(v) => Value::from(*v),
+        AMQPValue::LongInt(v) => Value::from(*v),
+        AMQPValue::LongUInt(v) => Value::from(*v),
+        AMQPValue::LongLongInt(v) => Value::from(*v),
+        AMQPValue::Float(v) => Value::from(*v),
+        AMQPValue::Double(v) => Value::from(*v),
+        AMQPValue::DecimalValue(d) => Value::from(d.value as f64 / 10f64.powi(d.scale as i32)),
+        AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => {
+            Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        AMQPValue::FieldArray(items) => {
+            Value::Array(items.as_slice().iter().map(amqp_value_to_json).collect())
+        }
+        AMQPValue::Timestamp(ts) => Value::from(*ts),
+        AMQPValue::FieldTable(table) => field_table_to_json(table),
+        AMQPValue::ByteArray(bytes) => {
+            Value::String(String::from_utf8_lossy(bytes.as_slice()).into_owned())
+        }
+        AMQPValue::Void => Value::Null,
+    }
+}

@@ -1,0 +1,8 @@
+//! Instrumentation: one struct per thing worth knowing; its `emit()` writes the
+//! log line (when there is one) and records the metric, together, in one place.
+//!
+//! Metric names follow `sluice_<name>_<unit>[_total]`. The datastore path's
+//! events live in [`datastore`], the live path's in [`live`].
+
+pub mod datastore;
+pub mod live;

@@ -1,0 +1,31 @@
+//! The actors of Sluice and the typed messages they exchange.
+//!
+//! Layout:
+//! - [`event`]: what travels through the pipeline ([`Event`], [`EventData`],
+//!   [`DeliveryRef`]) and how a broker delivery becomes one, or a dead letter.
+//! - [`consumer`]: the Consumer actor (lapin channel, prefetch window, acks).
+//! - [`settlement`]: the contiguous-watermark bookkeeping behind coalesced acks.
+//! - [`tap`]: the Tap actor, which copies events to the live path without waiting.
+//! - [`queue`]: the Queue actor (adaptive batching, overload policies).
+//! - [`writer`]: the Writer actor and the [`store::Store`] it writes through.
+//! - [`store`]: the `Store` trait and its PostgreSQL implementation.
+//! - [`observable`], [`observer`], [`topic`]: the live path to WebSocket clients.
+//! - [`internal_events`]: one struct per thing worth counting; `emit()` logs and records.
+//!
+//! Architecture invariant: this crate knows nothing about HTTP routing or
+//! configuration parsing. It takes plain settings structs and addresses.
+
+pub mod consumer;
+pub mod event;
+pub mod internal_events;
+pub mod messages;
+pub mod observable;
+pub mod observer;
+pub mod queue;
+pub mod settlement;
+pub mod store;
+pub mod tap;
+pub mod topic;
+pub mod writer;
+
+pub use event::{DeadLetter, DeadReason, DeliveryRef, Event, EventData};

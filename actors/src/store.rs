@@ -1,0 +1,135 @@
+//! Where writers put batches: the [`Store`] trait and its PostgreSQL
+//! implementation.
+//!
+//! The trait is the seam for actor-level tests (an in-memory store that
+//! records batches); production and integration tests use [`PgStore`].
+
+use async_trait::async_trait;
+use deadpool_postgres::Pool;
+use tokio_postgres::error::SqlState;
+
+use crate::event::Event;
+
+/// Why a write failed, which decides what the writer does next.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused the data itself (for example a `\u0000` in a
+    /// `jsonb` string). Retrying the same rows cannot help: the writer splits
+    /// the batch to isolate the bad rows and dead-letters them.
+    #[error("the database refused a row: {0}")]
+    Rejected(String),
+    /// The database could not be reached or failed for a reason that should
+    /// pass (connection refused or cut, shutting down, out of resources). The
+    /// writer retries the same rows with backoff.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A place to store batches of events, idempotently: writing an event whose
+/// `message_id` is already stored is a no-op.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Writes every event in one transaction and returns how many rows were
+    /// newly inserted. On error nothing was written.
+    async fn insert(&self, events: &[Event]) -> Result<u64, StoreError>;
+}
+
+/// The insert: one statement (so one implicit transaction and one round
+/// trip) that unnests parallel arrays. Duplicates, within the batch or with
+/// rows already stored, are skipped by the unique `message_id`.
+const INSERT: &str = "\
+INSERT INTO events (message_id, routing_key, payload, headers, published_at, received_at)
+SELECT m, r, p::jsonb, h::jsonb, pa, ra
+FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[])
+    AS u(m, r, p, h, pa, ra)
+ON CONFLICT (message_id) DO NOTHING";
+
+/// The PostgreSQL store, over a deadpool connection pool.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+impl PgStore {
+    /// A store writing through this pool.
+    pub fn new(pool: Pool) -> Self {
+        PgStore { pool }
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn insert(&self, events: &[Event]) -> Result<u64, StoreError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|err| StoreError::Unavailable(format!("no connection: {err}")))?;
+        let statement = client.prepare_cached(INSERT).await.map_err(classify)?;
+        let ids: Vec<&str> = events.iter().map(|e| e.data.message_id.as_str()).collect();
+        let keys: Vec<&str> = events.iter().map(|e| e.data.routing_key.as_str()).collect();
+        let payloads: Vec<&str> = events.iter().map(|e| e.data.payload.as_str()).collect();
+        let headers: Vec<&str> = events.iter().map(|e| e.data.headers.as_str()).collect();
+        let published: Vec<_> = events.iter().map(|e| e.data.published_at).collect();
+        let received: Vec<_> = events.iter().map(|e| e.data.received_at).collect();
+        client
+            .execute(
+                &statement,
+                &[&ids, &keys, &payloads, &headers, &published, &received],
+            )
+            .await
+            .map_err(classify)
+    }
+}
+
+/// Sorts a PostgreSQL error into "the rows are bad" and "try again later".
+fn classify(err: tokio_postgres::Error) -> StoreError {
+    let message = match err.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => {
+            let mut text = err.to_string();
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
+    };
+    match err.code() {
+        Some(code) if is_row_level(code) => StoreError::Rejected(message),
+        _ => StoreError::Unavailable(message),
+    }
+}
+
+/// Data exceptions (class 22), integrity violations (class 23) and program
+/// limits (class 54, e.g. a value too large) are caused by the rows.
+fn is_row_level(code: &SqlState) -> bool {
+    let code = code.code();
+    code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_level_errors_are_told_apart_from_outages() {
+        assert!(is_row_level(&SqlState::UNTRANSLATABLE_CHARACTER));
+        assert!(is_row_level(&SqlState::INVALID_TEXT_REPRESENTATION));
+        assert!(is_row_level(&SqlState::PROGRAM_LIMIT_EXCEEDED));
+        assert!(!is_row_level(&SqlState::ADMIN_SHUTDOWN));
+        assert!(!is_row_level(&SqlState::CONNECTION_FAILURE));
+        assert!(!is_row_level(&SqlState::T_R_SERIALIZATION_FAILURE));
+        assert!(!is_row_level(&SqlState::UNDEFINED_TABLE));
+    }
+}

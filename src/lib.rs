@@ -1,0 +1,13 @@
+//! The Sluice service: configuration, start-up wiring and HTTP routes around
+//! the actors of the `sluice-actors` crate.
+//!
+//! Layout:
+//! - [`config`]: every setting, as flags with environment fallbacks.
+//! - [`startup`]: builds the pipeline and the HTTP server; runs until shutdown.
+//! - [`routes`]: health checks and metrics; [`ws`]: the WebSocket endpoint.
+//! - [`telemetry`]: logging and the metrics recorder.
+
+pub mod config;
+pub mod routes;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,46 @@
+//! The `sluice` binary: parse the settings, start logging and metrics, run
+//! the service until SIGTERM or SIGINT, drain, and exit.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sluice::config::{Cli, Command};
+use sluice::startup::Application;
+use sluice::telemetry;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(&cli.service.log_filter);
+    let result = match cli.command {
+        None | Some(Command::Serve) => actix_web::rt::System::new().block_on(serve(cli.service)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            log::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: sluice::config::Config) -> anyhow::Result<()> {
+    let metrics = telemetry::install_metrics()?;
+    let app = Application::build(config, metrics).await?;
+    app.run_until(shutdown_signal()).await
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::error!("cannot install signal handlers; stop the service with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM received"),
+        _ = int.recv() => log::info!("SIGINT received"),
+    }
+}

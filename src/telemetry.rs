@@ -1,0 +1,42 @@
+//! Logging and the metrics recorder: `env_logger` for logs, and the global
+//! `metrics` recorder rendered as Prometheus text at `/metrics`.
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Initialises `env_logger` with the configured filter (`RUST_LOG`).
+/// lapin logs every connection's I/O loop span at `info` through `tracing`;
+/// that line is noise unless asked for explicitly.
+pub fn init_logging(filter: &str) {
+    let mut builder = env_logger::Builder::new();
+    if !filter.contains("tracing") {
+        builder.filter_module("tracing::span", log::LevelFilter::Warn);
+    }
+    builder
+        .parse_filters(filter)
+        .format_timestamp_millis()
+        .init();
+}
+
+/// Latency buckets, in seconds: 100 µs to 30 s.
+const SECONDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Batch-size buckets, in events.
+const EVENTS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+];
+
+/// Installs the process-wide metrics recorder and returns the handle that
+/// renders it.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+        .context("latency buckets")?
+        .set_buckets_for_metric(Matcher::Suffix("_events".into()), EVENTS)
+        .context("batch-size buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")
+}
