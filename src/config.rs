@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sluice_actors::observer::OnFull as WsOnFull;
 use sluice_actors::queue::{Batching, Dedupe, OnFull};
 
 /// Moves events from a RabbitMQ queue into PostgreSQL with adaptive
@@ -111,6 +112,42 @@ pub struct Config {
     #[arg(long, env = "FIXED_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub fixed_interval: Duration,
 
+    /// Events buffered per WebSocket client; past it, the WS_ON_FULL policy drops.
+    #[arg(long, env = "WS_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub ws_buffer: u32,
+
+    /// What a WebSocket client's full buffer drops: `drop-oldest` (fresh data
+    /// first, as dashboards want) or `drop-newest`.
+    #[arg(long, env = "WS_ON_FULL", default_value = "drop-oldest", value_parser = parse_ws_on_full)]
+    pub ws_on_full: WsOnFull,
+
+    /// WebSocket sessions open at once at most; past it, `503` before the upgrade.
+    #[arg(long, env = "WS_MAX_OBSERVERS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ws_max_observers: u32,
+
+    /// Origins allowed to open `/ws`, comma-separated `scheme://host[:port]`,
+    /// or `*`. Empty: the service's own origin and localhost only.
+    #[arg(long, env = "WS_ALLOWED_ORIGINS", value_delimiter = ',', default_value = "")]
+    pub ws_allowed_origins: Vec<String>,
+
+    /// When set, `/ws` requires it, as `Authorization: Bearer <token>` or `?token=`.
+    #[arg(long, env = "AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+
+    /// Largest frame accepted from a WebSocket client (larger: close 1009).
+    #[arg(long, env = "WS_MAX_FRAME_BYTES", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(64..))]
+    pub ws_max_frame_bytes: u32,
+
+    /// A WebSocket client that reads nothing for this long while events wait
+    /// is disconnected (close 4000).
+    #[arg(long, env = "WS_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub ws_stall_timeout: Duration,
+
+    /// Interval of WebSocket pings; a client silent for three of them is
+    /// disconnected (close 4001).
+    #[arg(long, env = "WS_HEARTBEAT", default_value = "10s", value_parser = parse_duration)]
+    pub ws_heartbeat: Duration,
+
     /// On SIGTERM/SIGINT, how long to wait for pending events to be stored
     /// and acked before exiting anyway (unacked ones are redelivered).
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -150,6 +187,29 @@ pub enum BatchingArg {
 }
 
 impl Config {
+    /// The `/ws` endpoint's settings.
+    pub fn ws(&self) -> crate::ws::WsConfig {
+        crate::ws::WsConfig {
+            max_observers: self.ws_max_observers as usize,
+            allowed_origins: self
+                .ws_allowed_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            auth_token: self.auth_token.clone().filter(|t| !t.is_empty()),
+            max_frame_bytes: self.ws_max_frame_bytes as usize,
+            observer: sluice_actors::observer::ObserverSettings {
+                buffer: self.ws_buffer as usize,
+                on_full: self.ws_on_full,
+                heartbeat: self.ws_heartbeat,
+                client_timeout: self.ws_heartbeat * 3,
+                stall_timeout: self.ws_stall_timeout,
+                ..Default::default()
+            },
+        }
+    }
+
     /// The dispatch strategy these settings describe.
     pub fn batching(&self) -> Batching {
         match self.batching {
@@ -161,6 +221,10 @@ impl Config {
             BatchingArg::Single => Batching::Single,
         }
     }
+}
+
+fn parse_ws_on_full(value: &str) -> Result<WsOnFull, String> {
+    value.parse()
 }
 
 fn parse_duration(value: &str) -> Result<Duration, String> {

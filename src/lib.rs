@@ -11,3 +11,4 @@ pub mod config;
 pub mod routes;
 pub mod startup;
 pub mod telemetry;
+pub mod ws;

@@ -6,7 +6,6 @@
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::str::FromStr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +25,7 @@ use sluice_actors::writer::{RetrySettings, Writer};
 
 use crate::config::Config;
 use crate::routes;
+use crate::ws::{self, WsState};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -54,12 +54,13 @@ impl Application {
         let pool = connect_database(&config).await?;
         migrate(&pool).await?;
 
-        let observers = Arc::new(AtomicUsize::new(0));
         let live_arbiter = Arbiter::new();
         let observable = Observable::start_in_arbiter(&live_arbiter.handle(), |ctx| {
             ctx.set_mailbox_capacity(64);
             Observable::new()
         });
+        let ws = web::Data::new(WsState::new(config.ws(), observable.clone()));
+        let observers = ws.connected.clone();
 
         let writers = usize::from(config.writers);
         let queue_settings = QueueSettings {
@@ -131,6 +132,8 @@ impl Application {
             App::new()
                 .app_data(readiness.clone())
                 .app_data(metrics.clone())
+                .app_data(ws.clone())
+                .route("/ws", web::get().to(ws::ws_route))
                 .route("/healthz", web::get().to(routes::health::healthz))
                 .route("/readyz", web::get().to(routes::health::readyz))
                 .route("/metrics", web::get().to(routes::metrics::metrics))

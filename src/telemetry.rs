@@ -18,10 +18,11 @@ pub fn init_logging(filter: &str) {
         .init();
 }
 
-/// Latency buckets, in seconds: 100 µs to 30 s.
+/// Latency buckets, in seconds: 100 µs to 30 s, fine around the milliseconds
+/// where adaptive batching lives.
 const SECONDS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
 ];
 
 /// Batch-size buckets, in events.

@@ -491,7 +491,9 @@ async fn open(
     generation: u64,
 ) -> Result<(Link, lapin::Consumer), String> {
     let t = &settings.topology;
-    let properties = ConnectionProperties::default().with_connection_name("sluice".into());
+    // Named after the topology, so an operator can tell deployments apart.
+    let name = format!("sluice {}", t.exchange);
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connection = Connection::connect(&settings.amqp_url, properties)
         .await
         .map_err(|e| format!("cannot connect to the broker (AMQP_URL): {e}"))?;
@@ -654,13 +656,13 @@ async fn read(
                     merged: Vec::new(),
                     data: Arc::new(data),
                 }),
-                Err((reason, detail, body, properties)) => dead.push(DeadLetter {
+                Err(refused) => dead.push(DeadLetter {
                     delivery: id,
-                    reason,
-                    detail,
+                    reason: refused.reason,
+                    detail: refused.detail,
                     routing_key,
-                    body,
-                    properties,
+                    body: refused.body,
+                    properties: refused.properties,
                 }),
             }
         }

@@ -134,6 +134,30 @@ impl DeadLetter {
     }
 }
 
+/// A delivery refused at the edge: why, and the original message to dead-letter.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why it cannot be stored.
+    pub reason: DeadReason,
+    /// The parser's message.
+    pub detail: String,
+    /// The body, byte for byte.
+    pub body: Vec<u8>,
+    /// The original properties.
+    pub properties: BasicProperties,
+}
+
+impl Refused {
+    fn new(reason: DeadReason, detail: String, body: Vec<u8>, properties: BasicProperties) -> Box<Refused> {
+        Box::new(Refused {
+            reason,
+            detail,
+            body,
+            properties,
+        })
+    }
+}
+
 /// Limits applied when a delivery is turned into an event.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -150,9 +174,9 @@ impl EventData {
         properties: BasicProperties,
         limits: Limits,
         received_at: SystemTime,
-    ) -> Result<EventData, (DeadReason, String, Vec<u8>, BasicProperties)> {
+    ) -> Result<EventData, Box<Refused>> {
         if body.is_empty() {
-            return Err((DeadReason::Empty, "empty body".into(), body, properties));
+            return Err(Refused::new(DeadReason::Empty, "empty body".into(), body, properties));
         }
         if body.len() > limits.max_body_bytes {
             let detail = format!(
@@ -160,28 +184,23 @@ impl EventData {
                 body.len(),
                 limits.max_body_bytes
             );
-            return Err((DeadReason::TooLarge, detail, body, properties));
+            return Err(Refused::new(DeadReason::TooLarge, detail, body, properties));
         }
         let payload = match String::from_utf8(body) {
             Ok(text) => text,
             Err(err) => {
                 let detail = format!("body is not UTF-8: {}", err.utf8_error());
-                return Err((DeadReason::NotUtf8, detail, err.into_bytes(), properties));
+                let body = err.into_bytes();
+                return Err(Refused::new(DeadReason::NotUtf8, detail, body, properties));
             }
         };
         // Validates without building a tree: RawValue borrows the input.
         if let Err(err) = serde_json::from_str::<&RawValue>(&payload) {
             let detail = format!("body is not JSON: {err}");
-            return Err((
-                DeadReason::NotJson,
-                detail,
-                payload.into_bytes(),
-                properties,
-            ));
+            let body = payload.into_bytes();
+            return Err(Refused::new(DeadReason::NotJson, detail, body, properties));
         }
-        let published_at = properties
-            .timestamp()
-            .map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
+        let published_at = published_at(&properties);
         let headers = properties
             .headers()
             .as_ref()
@@ -201,6 +220,28 @@ impl EventData {
             received_at,
             properties,
         })
+    }
+}
+
+/// When the message was published: the `timestamp_in_ms` header (set by
+/// RabbitMQ's message-timestamp plugin, and by `sluice load`) when present,
+/// for millisecond precision, else the AMQP `timestamp` property (seconds).
+fn published_at(properties: &BasicProperties) -> Option<SystemTime> {
+    let millis = properties.headers().as_ref().and_then(|headers| {
+        match headers.inner().get("timestamp_in_ms")? {
+            AMQPValue::LongLongInt(ms) => u64::try_from(*ms).ok(),
+            AMQPValue::LongInt(ms) => u64::try_from(*ms).ok(),
+            AMQPValue::LongUInt(ms) => Some(u64::from(*ms)),
+            AMQPValue::Timestamp(ms) => Some(*ms),
+            _ => None,
+        }
+    });
+    // `checked_add`: a publisher's absurd timestamp must not crash the reader.
+    match millis {
+        Some(ms) => UNIX_EPOCH.checked_add(Duration::from_millis(ms)),
+        None => properties
+            .timestamp()
+            .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs))),
     }
 }
 

@@ -82,4 +82,9 @@ pub struct Settle {
 pub struct Publish {
     /// The events, shared with the datastore path (no payload is copied).
     pub events: Arc<[Arc<EventData>]>,
+    /// Events whose copies the Tap dropped since its last successful copy
+    /// (the Observable's mailbox was full). Every observer is told of them:
+    /// the Tap does not match topics, so an observer with a filter may be
+    /// told of more misses than it would have received.
+    pub missed: u64,
 }

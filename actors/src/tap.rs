@@ -23,6 +23,9 @@ pub struct Tap {
     observable: Recipient<Publish>,
     /// Live observers connected right now; with none, no copy is made.
     observers: Arc<AtomicUsize>,
+    /// Events whose copies were dropped since the last copy that got
+    /// through; sent along with the next one so observers are told.
+    missed: u64,
 }
 
 impl std::fmt::Debug for Tap {
@@ -45,6 +48,7 @@ impl Tap {
             queue,
             observable,
             observers,
+            missed: 0,
         }
     }
 }
@@ -61,8 +65,16 @@ impl Handler<Ingest> for Tap {
         if self.observers.load(Ordering::Relaxed) > 0 {
             let copy: Arc<[Arc<EventData>]> = msg.events.iter().map(|e| e.data.clone()).collect();
             let events = copy.len();
-            if self.observable.try_send(Publish { events: copy }).is_err() {
-                TapCopyDropped { events }.emit();
+            let publish = Publish {
+                events: copy,
+                missed: self.missed,
+            };
+            match self.observable.try_send(publish) {
+                Ok(()) => self.missed = 0,
+                Err(_) => {
+                    self.missed += events as u64;
+                    TapCopyDropped { events }.emit();
+                }
             }
         }
         let queue = self.queue.clone();

@@ -179,7 +179,8 @@ async fn write_isolating(
     let mut rejected = Vec::new();
     // Ranges still to write, last = next; the right half is pushed first so
     // that rows are written, and refusals found, in order.
-    let mut work = vec![0..events.len()];
+    let mut work = Vec::with_capacity(16);
+    work.push(0..events.len());
     while let Some(range) = work.pop() {
         if range.is_empty() {
             continue;

@@ -1,0 +1,593 @@
+//! The Observable actor: the registry of live observers and the fan-out to them.
+//!
+//! The Tap sends it a copy of every chunk of events ([`Publish`]). It turns
+//! each event into JSON text once ([`LiveEvent`]), selects for each observer
+//! the events its topic filter matches (observers with the same filter share
+//! one selection, observers without a filter share the whole chunk), and hands
+//! each selection over with `try_send`. It never waits: when an observer's
+//! mailbox is full the events are counted as missed for that observer, and
+//! the count travels with the next [`Deliver`] that gets through, so the client
+//! is told. An observer whose mailbox is closed is forgotten.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::HashMap;
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+
+use crate::event::EventData;
+use crate::internal_events::live::{DropStage, LiveEventsDropped, ObserverLagging};
+use crate::messages::Publish;
+use crate::topic::TopicPattern;
+
+/// Identifies one observer (one WebSocket session) for the life of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObserverId(pub u64);
+
+impl ObserverId {
+    /// A fresh id, never handed out before in this process.
+    pub fn next() -> ObserverId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ObserverId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl fmt::Display for ObserverId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// One event as WebSocket clients see it: a JSON object, serialised once and
+/// shared by every observer that receives it.
+///
+/// `{"message_id":…,"routing_key":…,"payload":…,"headers":…,"published_at":…,"received_at":…}`
+/// where `payload` and `headers` are the original JSON text (not re-encoded)
+/// and the times are RFC 3339 in UTC (`published_at` is `null` when the
+/// publisher did not set a timestamp).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveEvent {
+    /// The JSON object text.
+    json: Box<str>,
+}
+
+impl LiveEvent {
+    /// Serialises one event. `payload` and `headers` are trusted to be valid
+    /// JSON text: [`EventData::from_delivery`] validated the first and built
+    /// the second.
+    pub fn from_event(event: &EventData) -> LiveEvent {
+        let mut json = String::with_capacity(
+            event.payload.len() + event.headers.len() + event.message_id.len() + 160,
+        );
+        json.push_str("{\"message_id\":");
+        push_json_string(&mut json, &event.message_id);
+        json.push_str(",\"routing_key\":");
+        push_json_string(&mut json, &event.routing_key);
+        json.push_str(",\"payload\":");
+        json.push_str(&event.payload);
+        json.push_str(",\"headers\":");
+        json.push_str(&event.headers);
+        json.push_str(",\"published_at\":");
+        push_time(&mut json, event.published_at);
+        json.push_str(",\"received_at\":");
+        push_time(&mut json, Some(event.received_at));
+        json.push('}');
+        LiveEvent { json: json.into() }
+    }
+
+    /// Wraps JSON text that is already a valid event object (for tests and
+    /// stand-ins).
+    pub fn from_json(json: impl Into<Box<str>>) -> LiveEvent {
+        LiveEvent { json: json.into() }
+    }
+
+    /// The JSON object text.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Appends a time as an RFC 3339 string in UTC with milliseconds, or `null`
+/// when it is absent or outside what RFC 3339 can express (before 1970 or
+/// after year 9999 — a publisher can put anything in the AMQP timestamp).
+fn push_time(out: &mut String, time: Option<SystemTime>) {
+    const YEAR_10000: u64 = 253_402_300_800;
+    match time {
+        Some(t)
+            if t.duration_since(UNIX_EPOCH)
+                .is_ok_and(|d| d.as_secs() < YEAR_10000) =>
+        {
+            let _ = write!(out, "\"{}\"", humantime::format_rfc3339_millis(t));
+        }
+        _ => out.push_str("null"),
+    }
+}
+
+/// Observer → Observable: send me the events matching `pattern` (all of them
+/// when `None`). Subscribing again with the same id replaces the address and
+/// the filter and keeps the count of missed events.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Subscribe {
+    /// Who subscribes.
+    pub id: ObserverId,
+    /// Where to deliver, with `try_send`.
+    pub addr: Recipient<Deliver>,
+    /// The topic filter; `None` means every event.
+    pub pattern: Option<TopicPattern>,
+}
+
+/// Observer → Observable: forget me. Sent when the observer stops.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    /// Who unsubscribes.
+    pub id: ObserverId,
+}
+
+/// Observable → Observer: events matching the observer's filter, in order,
+/// shared with every other observer that receives them.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Deliver {
+    /// The events, oldest first.
+    pub events: Arc<[Arc<LiveEvent>]>,
+    /// Events this observer missed since its last successful delivery because
+    /// its mailbox was full. They came before `events`.
+    pub missed: u64,
+}
+
+/// What the Observable knows about one observer.
+#[derive(Debug)]
+struct Registration {
+    /// The observer's mailbox.
+    addr: Recipient<Deliver>,
+    /// Its filter; `None` means every event.
+    pattern: Option<Arc<TopicPattern>>,
+    /// Events missed since the last delivery that got through.
+    missed: u64,
+    /// Whether the first miss was logged already (logged once per observer).
+    lag_reported: bool,
+}
+
+/// The registry of observers and the fan-out to them. See the module docs.
+#[derive(Debug, Default)]
+pub struct Observable {
+    /// Every subscribed observer, by id.
+    observers: HashMap<ObserverId, Registration>,
+}
+
+impl Observable {
+    /// An Observable with no observers.
+    pub fn new() -> Observable {
+        Observable::default()
+    }
+
+    /// Starts an Observable whose mailbox holds at most `mailbox` messages,
+    /// so that the Tap's `try_send` sees when it falls behind.
+    pub fn start_bounded(mailbox: usize) -> Addr<Observable> {
+        Observable::create(|ctx| {
+            ctx.set_mailbox_capacity(mailbox);
+            Observable::new()
+        })
+    }
+
+    /// How many observers are subscribed.
+    pub fn len(&self) -> usize {
+        self.observers.len()
+    }
+
+    /// Whether no observer is subscribed.
+    pub fn is_empty(&self) -> bool {
+        self.observers.is_empty()
+    }
+}
+
+impl Actor for Observable {
+    type Context = Context<Self>;
+}
+
+impl Handler<Subscribe> for Observable {
+    type Result = ();
+
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) {
+        let pattern = msg
+            .pattern
+            .filter(|p| !p.matches_everything())
+            .map(Arc::new);
+        match self.observers.entry(msg.id) {
+            MapEntry::Occupied(mut entry) => {
+                let registration = entry.get_mut();
+                registration.addr = msg.addr;
+                registration.pattern = pattern;
+            }
+            MapEntry::Vacant(entry) => {
+                entry.insert(Registration {
+                    addr: msg.addr,
+                    pattern,
+                    missed: 0,
+                    lag_reported: false,
+                });
+            }
+        }
+    }
+}
+
+impl Handler<Unsubscribe> for Observable {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Self::Context) {
+        self.observers.remove(&msg.id);
+    }
+}
+
+impl Handler<Publish> for Observable {
+    type Result = ();
+
+    fn handle(&mut self, msg: Publish, _ctx: &mut Self::Context) {
+        if self.observers.is_empty() || (msg.events.is_empty() && msg.missed == 0) {
+            return;
+        }
+        let all: Arc<[Arc<LiveEvent>]> = msg
+            .events
+            .iter()
+            .map(|event| Arc::new(LiveEvent::from_event(event)))
+            .collect();
+        // One selection per distinct filter, shared by the observers using it.
+        let mut selections: HashMap<Arc<TopicPattern>, Arc<[Arc<LiveEvent>]>> = HashMap::new();
+        let mut closed = Vec::new();
+        let mut missed_now = 0u64;
+        for (id, registration) in &mut self.observers {
+            registration.missed += msg.missed;
+            let events = match &registration.pattern {
+                None => all.clone(),
+                Some(pattern) => selections
+                    .entry(pattern.clone())
+                    .or_insert_with(|| {
+                        msg.events
+                            .iter()
+                            .zip(all.iter())
+                            .filter(|(event, _)| pattern.matches(&event.routing_key))
+                            .map(|(_, live)| live.clone())
+                            .collect()
+                    })
+                    .clone(),
+            };
+            if events.is_empty() {
+                continue;
+            }
+            let deliver = Deliver {
+                events,
+                missed: registration.missed,
+            };
+            match registration.addr.try_send(deliver) {
+                Ok(()) => registration.missed = 0,
+                Err(SendError::Full(deliver)) => {
+                    let n = deliver.events.len() as u64;
+                    registration.missed += n;
+                    missed_now += n;
+                    if !registration.lag_reported {
+                        registration.lag_reported = true;
+                        ObserverLagging {
+                            observer: id.0,
+                            stage: DropStage::Observable,
+                        }
+                        .emit();
+                    }
+                }
+                Err(SendError::Closed(_)) => closed.push(*id),
+            }
+        }
+        if missed_now > 0 {
+            LiveEventsDropped {
+                stage: DropStage::Observable,
+                events: missed_now,
+            }
+            .emit();
+        }
+        for id in closed {
+            self.observers.remove(&id);
+        }
+    }
+}
+
+/// Asks how many observers are subscribed (for tests and diagnostics).
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct CountObservers;
+
+impl Handler<CountObservers> for Observable {
+    type Result = usize;
+
+    fn handle(&mut self, _msg: CountObservers, _ctx: &mut Self::Context) -> usize {
+        self.observers.len()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::Duration;
+
+    use lapin::BasicProperties;
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::*;
+
+    /// An event with the given routing key and a payload naming it.
+    pub(crate) fn event(routing_key: &str, n: u64) -> Arc<EventData> {
+        Arc::new(EventData {
+            message_id: format!("m-{n}"),
+            routing_key: routing_key.to_owned(),
+            payload: format!("{{\"n\":{n}}}"),
+            headers: "{}".to_owned(),
+            published_at: None,
+            received_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            properties: BasicProperties::default(),
+        })
+    }
+
+    fn publish(events: Vec<Arc<EventData>>) -> Publish {
+        Publish {
+            missed: 0,
+            events: events.into(),
+        }
+    }
+
+    /// Stands in for an Observer: forwards every delivery to the test. Until
+    /// `gate` fires it does not read its mailbox, like a busy observer.
+    struct Probe {
+        out: mpsc::UnboundedSender<Deliver>,
+        gate: Option<oneshot::Receiver<()>>,
+    }
+
+    impl Actor for Probe {
+        type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Self::Context) {
+            if let Some(gate) = self.gate.take() {
+                // Holding the context is exactly what this stand-in is for.
+                ctx.wait(fut::wrap_future(gate).map(|_, _, _| ()));
+            }
+        }
+    }
+
+    impl Handler<Deliver> for Probe {
+        type Result = ();
+
+        fn handle(&mut self, msg: Deliver, _ctx: &mut Self::Context) {
+            let _ = self.out.send(msg);
+        }
+    }
+
+    fn probe(
+        mailbox: usize,
+        gate: Option<oneshot::Receiver<()>>,
+    ) -> (Addr<Probe>, mpsc::UnboundedReceiver<Deliver>) {
+        let (out, rx) = mpsc::unbounded_channel();
+        let addr = Probe::create(move |ctx| {
+            ctx.set_mailbox_capacity(mailbox);
+            Probe { out, gate }
+        });
+        (addr, rx)
+    }
+
+    fn keys(deliver: &Deliver) -> Vec<String> {
+        deliver
+            .events
+            .iter()
+            .map(|e| {
+                let v: serde_json::Value = serde_json::from_str(e.json()).expect("valid JSON");
+                v["routing_key"].as_str().expect("routing key").to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn live_event_is_the_original_json_with_metadata() {
+        let mut data = Arc::try_unwrap(event("a.b", 7)).expect("unique");
+        data.message_id = "id \"quoted\"\n\u{1}".into();
+        data.headers = "{\"x\":[1,2]}".into();
+        data.published_at = Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        let live = LiveEvent::from_event(&data);
+        let v: serde_json::Value = serde_json::from_str(live.json()).expect("valid JSON");
+        assert_eq!(v["message_id"], "id \"quoted\"\n\u{1}");
+        assert_eq!(v["routing_key"], "a.b");
+        assert_eq!(v["payload"], serde_json::json!({"n": 7}));
+        assert_eq!(v["headers"], serde_json::json!({"x": [1, 2]}));
+        assert_eq!(v["published_at"], "2023-11-14T22:13:20.000Z");
+        assert_eq!(v["received_at"], "2023-11-14T22:13:20.123Z");
+        // The payload text is embedded as is, not re-encoded.
+        assert!(live.json().contains("\"payload\":{\"n\":7}"));
+    }
+
+    #[test]
+    fn out_of_range_times_become_null() {
+        let mut data = Arc::try_unwrap(event("a", 1)).expect("unique");
+        data.published_at = Some(UNIX_EPOCH + Duration::from_secs(300_000_000_000));
+        let v: serde_json::Value =
+            serde_json::from_str(LiveEvent::from_event(&data).json()).expect("valid JSON");
+        assert!(v["published_at"].is_null());
+    }
+
+    #[actix::test]
+    async fn fans_out_to_matching_observers_only() {
+        let observable = Observable::start_bounded(16);
+        let (all, mut all_rx) = probe(16, None);
+        let (orders, mut orders_rx) = probe(16, None);
+        let (users, mut users_rx) = probe(16, None);
+        for (id, addr, pattern) in [
+            (1, all.recipient(), None),
+            (2, orders.recipient(), Some("orders.#")),
+            (3, users.recipient(), Some("users.*")),
+        ] {
+            observable
+                .send(Subscribe {
+                    id: ObserverId(id),
+                    addr,
+                    pattern: pattern.map(|p| TopicPattern::parse(p).expect("valid")),
+                })
+                .await
+                .expect("observable alive");
+        }
+        observable
+            .send(publish(vec![
+                event("orders.created", 1),
+                event("users.signup", 2),
+                event("orders", 3),
+                event("users.a.b", 4),
+            ]))
+            .await
+            .expect("observable alive");
+
+        let got = all_rx.recv().await.expect("delivery");
+        assert_eq!(
+            keys(&got),
+            ["orders.created", "users.signup", "orders", "users.a.b"]
+        );
+        assert_eq!(got.missed, 0);
+        let got = orders_rx.recv().await.expect("delivery");
+        assert_eq!(keys(&got), ["orders.created", "orders"]);
+        let got = users_rx.recv().await.expect("delivery");
+        assert_eq!(keys(&got), ["users.signup"]);
+
+        // An event matching nobody but `all` produces no delivery for the others.
+        observable
+            .send(publish(vec![event("billing.paid", 5)]))
+            .await
+            .expect("observable alive");
+        assert_eq!(
+            keys(&all_rx.recv().await.expect("delivery")),
+            ["billing.paid"]
+        );
+        assert!(orders_rx.try_recv().is_err());
+        assert!(users_rx.try_recv().is_err());
+    }
+
+    #[actix::test]
+    async fn observers_without_filter_share_one_slice() {
+        let observable = Observable::start_bounded(16);
+        let (a, mut a_rx) = probe(16, None);
+        let (b, mut b_rx) = probe(16, None);
+        for (id, addr) in [(1, a.recipient()), (2, b.recipient())] {
+            observable
+                .send(Subscribe {
+                    id: ObserverId(id),
+                    addr,
+                    pattern: Some(TopicPattern::any()),
+                })
+                .await
+                .expect("observable alive");
+        }
+        observable
+            .send(publish(vec![event("x", 1)]))
+            .await
+            .expect("observable alive");
+        let a_got = a_rx.recv().await.expect("delivery");
+        let b_got = b_rx.recv().await.expect("delivery");
+        assert!(Arc::ptr_eq(&a_got.events, &b_got.events));
+    }
+
+    #[actix::test]
+    async fn a_full_mailbox_is_a_miss_reported_on_the_next_delivery() {
+        let observable = Observable::start_bounded(16);
+        let (gate_tx, gate_rx) = oneshot::channel();
+        let (slow, mut slow_rx) = probe(1, Some(gate_rx));
+        let (fast, mut fast_rx) = probe(16, None);
+        for (id, addr) in [(1, slow.recipient()), (2, fast.recipient())] {
+            observable
+                .send(Subscribe {
+                    id: ObserverId(id),
+                    addr,
+                    pattern: None,
+                })
+                .await
+                .expect("observable alive");
+        }
+        // The first chunk fills the slow probe's mailbox; the next two are
+        // missed. `send().await` returns once the Observable handled each
+        // chunk: it did not wait for the stalled probe.
+        observable
+            .send(publish(vec![event("k", 1)]))
+            .await
+            .expect("alive");
+        observable
+            .send(publish(vec![event("k", 2), event("k", 3)]))
+            .await
+            .expect("alive");
+        observable
+            .send(publish(vec![event("k", 4)]))
+            .await
+            .expect("alive");
+        for _ in 0..3 {
+            assert_eq!(fast_rx.recv().await.expect("delivery").missed, 0);
+        }
+
+        // The probe reads its mailbox again; the next chunk carries the count.
+        gate_tx.send(()).expect("probe waiting");
+        let first = slow_rx.recv().await.expect("delivery");
+        assert_eq!((keys(&first).len(), first.missed), (1, 0));
+        observable
+            .send(publish(vec![event("k", 5)]))
+            .await
+            .expect("alive");
+        let next = slow_rx.recv().await.expect("delivery");
+        assert_eq!(next.missed, 3);
+        assert_eq!(keys(&next), ["k"]);
+    }
+
+    #[actix::test]
+    async fn closed_observers_are_removed() {
+        let observable = Observable::start_bounded(16);
+        // A context that is dropped without ever running: its mailbox is closed.
+        let dead = {
+            let ctx = Context::<Probe>::new();
+            ctx.address()
+        };
+        let (live, mut live_rx) = probe(16, None);
+        for (id, addr) in [(1, dead.recipient()), (2, live.recipient())] {
+            observable
+                .send(Subscribe {
+                    id: ObserverId(id),
+                    addr,
+                    pattern: None,
+                })
+                .await
+                .expect("alive");
+        }
+        assert_eq!(observable.send(CountObservers).await.expect("alive"), 2);
+        observable
+            .send(publish(vec![event("k", 1)]))
+            .await
+            .expect("alive");
+        assert_eq!(observable.send(CountObservers).await.expect("alive"), 1);
+        assert_eq!(keys(&live_rx.recv().await.expect("delivery")), ["k"]);
+        observable
+            .send(Unsubscribe { id: ObserverId(2) })
+            .await
+            .expect("alive");
+        assert_eq!(observable.send(CountObservers).await.expect("alive"), 0);
+    }
+}

@@ -1,0 +1,1141 @@
+//! The Observer actor: one per WebSocket session, between the Observable and one browser.
+//!
+//! To keep this crate free of HTTP routing, the Observer does not own the
+//! socket. It writes [`Message`]s into a small bounded channel whose other end
+//! the HTTP layer encodes onto the connection, and it receives the client's
+//! decoded frames as a stream. The channel is the Observer's view of the
+//! client's speed: when it has no room, the socket is not draining.
+//!
+//! Events arriving from the Observable go into a bounded buffer
+//! ([`ObserverSettings::buffer`]); when it is full, [`OnFull`] decides which
+//! events are lost. Whenever the channel has room, everything buffered (up to
+//! [`ObserverSettings::max_events_per_frame`]) goes out as one frame
+//! `{"type":"events","events":[…]}`, preceded by `{"type":"lagged","missed":N}`
+//! when events were dropped since the last frame, here or upstream. The
+//! "room again" signal is a channel permit awaited in a spawned future: no
+//! polling, no timers on the data path.
+//!
+//! # Close codes
+//!
+//! | code | when |
+//! |---|---|
+//! | 1000 normal | the client closed the session (its close is answered) |
+//! | 1001 going away | the service is stopping, or the live stream is unavailable |
+//! | 1002 protocol error | the client broke the WebSocket protocol (unmasked frame, bad opcode…) |
+//! | 1003 unsupported data | a binary frame, or a fragmented message |
+//! | 1008 policy violation | a text frame that is not a known [`ClientMessage`], or an invalid topic |
+//! | 1009 message too big | a frame larger than the configured limit |
+//! | 4000 [`CLOSE_STALLED`] | the client read nothing for [`ObserverSettings::stall_timeout`] while events waited |
+//! | 4001 [`CLOSE_TIMEOUT`] | nothing (not even a pong) came from the client for [`ObserverSettings::client_timeout`] |
+//!
+//! The two timeouts get codes of their own, from the private-use range
+//! (4000–4999), rather than 1008 or 1013: a dashboard can tell "you were too
+//! slow, reconnect" from "you sent something wrong" without parsing the reason.
+//! The close frame always has room: one slot of the channel is reserved for it
+//! when the Observer is created, so even a client that stopped reading gets it
+//! queued (it will read it if it ever resumes).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_http::ws::{CloseCode, CloseReason, Frame, Message, ProtocolError};
+use bytes::Bytes;
+use futures_util::Stream;
+use serde::Deserialize;
+use tokio::sync::mpsc::{self, error::TrySendError, OwnedPermit};
+// Tokio's clock, so that tests can pause and advance time.
+use tokio::time::Instant;
+
+use crate::internal_events::live::{
+    DropStage, LiveEventsDropped, ObserverConnected, ObserverDisconnected, ObserverLagging,
+};
+use crate::observable::{Deliver, LiveEvent, Observable, ObserverId, Subscribe, Unsubscribe};
+use crate::topic::TopicPattern;
+
+/// Close code for a client that made no progress reading for the stall timeout.
+pub const CLOSE_STALLED: u16 = 4000;
+
+/// Close code for a client from which nothing arrived for the client timeout.
+pub const CLOSE_TIMEOUT: u16 = 4001;
+
+/// Frames the outgoing channel holds for the socket (besides the slot
+/// reserved for the close frame). Small on purpose: a full channel is how the
+/// Observer sees a slow client, so events wait in the Observer's buffer, where
+/// the overload policy applies, not in the channel.
+pub const OUTGOING_FRAMES: usize = 2;
+
+/// Capacity of an Observer's mailbox, in [`Deliver`] messages. Beyond it the
+/// Observable counts misses instead of queueing.
+pub const MAILBOX_CAPACITY: usize = 16;
+
+/// The longest close reason, in bytes: a control frame carries at most 125
+/// bytes, two of which are the code.
+const MAX_CLOSE_REASON: usize = 123;
+
+/// The channel between an Observer and the HTTP layer that writes to the
+/// socket, with room for [`OUTGOING_FRAMES`] frames and the close frame.
+pub fn outgoing_channel() -> (mpsc::Sender<Message>, mpsc::Receiver<Message>) {
+    mpsc::channel(OUTGOING_FRAMES + 1)
+}
+
+/// What an Observer does with a new event when its buffer is full (`WS_ON_FULL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFull {
+    /// Drop the oldest buffered event to make room (`drop-oldest`). The client
+    /// always gets the freshest data, as dashboards want; it gives up the
+    /// oldest events it had not read yet.
+    #[default]
+    DropOldest,
+    /// Drop the new event (`drop-newest`). The client gets an unbroken run of
+    /// the events it had buffered; it gives up everything that arrives while
+    /// it is behind, so what it sees next is older.
+    DropNewest,
+}
+
+impl OnFull {
+    /// The setting's value, as accepted by [`FromStr`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFull::DropOldest => "drop-oldest",
+            OnFull::DropNewest => "drop-newest",
+        }
+    }
+}
+
+impl fmt::Display for OnFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for OnFull {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "drop-oldest" => Ok(OnFull::DropOldest),
+            "drop-newest" => Ok(OnFull::DropNewest),
+            other => Err(format!(
+                "unknown policy {other:?}: expected drop-oldest or drop-newest"
+            )),
+        }
+    }
+}
+
+/// How an Observer treats its client. Every field bounds memory or time.
+#[derive(Debug, Clone)]
+pub struct ObserverSettings {
+    /// Events buffered for the client at most (`WS_BUFFER`).
+    pub buffer: usize,
+    /// What to drop when the buffer is full (`WS_ON_FULL`).
+    pub on_full: OnFull,
+    /// Events written in one frame at most.
+    pub max_events_per_frame: usize,
+    /// How often a ping is sent.
+    pub heartbeat: Duration,
+    /// Closes with [`CLOSE_TIMEOUT`] when nothing (no pong, no frame) came
+    /// from the client for this long.
+    pub client_timeout: Duration,
+    /// Closes with [`CLOSE_STALLED`] when events wait and the client has not
+    /// read a single frame for this long.
+    pub stall_timeout: Duration,
+}
+
+impl Default for ObserverSettings {
+    fn default() -> Self {
+        ObserverSettings {
+            buffer: 1024,
+            on_full: OnFull::DropOldest,
+            max_events_per_frame: 256,
+            heartbeat: Duration::from_secs(10),
+            client_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a client may send, as JSON text frames tagged by `type`. Anything
+/// else closes the session with 1008.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// Replace the topic filter: `{"type":"filter","topic":"orders.*"}`.
+    /// A missing or `null` topic means every event.
+    Filter {
+        /// An AMQP topic pattern.
+        #[serde(default)]
+        topic: Option<String>,
+    },
+}
+
+/// A place in the count of connected observers, held by one Observer and
+/// given back when it stops (or when it is dropped without starting).
+#[derive(Debug)]
+pub struct SessionSlot {
+    /// The shared count this slot is part of.
+    count: Arc<AtomicUsize>,
+}
+
+impl SessionSlot {
+    /// Takes a place if fewer than `max` are taken.
+    pub fn try_acquire(count: &Arc<AtomicUsize>, max: usize) -> Option<SessionSlot> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SessionSlot {
+                count: count.clone(),
+            })
+    }
+
+    /// How many places are taken now.
+    pub fn connected(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Events waiting for the client and drops not yet reported to it.
+#[derive(Debug)]
+struct Pending {
+    /// Buffered events, oldest first; never longer than `capacity`.
+    events: VecDeque<Arc<LiveEvent>>,
+    /// The buffer's capacity (at least 1).
+    capacity: usize,
+    /// Dropped events (here or upstream) not yet told with a `lagged` frame.
+    unreported: u64,
+    /// Every event dropped in this session, for the log line at the end.
+    total_dropped: u64,
+}
+
+impl Pending {
+    fn new(capacity: usize) -> Pending {
+        Pending {
+            events: VecDeque::with_capacity(capacity.clamp(1, 4096)),
+            capacity: capacity.max(1),
+            unreported: 0,
+            total_dropped: 0,
+        }
+    }
+
+    /// Counts events dropped before reaching this buffer.
+    fn missed(&mut self, n: u64) {
+        self.unreported += n;
+        self.total_dropped += n;
+    }
+
+    /// Buffers events under `policy`; returns how many were dropped.
+    fn push(&mut self, events: &[Arc<LiveEvent>], policy: OnFull) -> u64 {
+        let mut dropped = 0;
+        for event in events {
+            if self.events.len() >= self.capacity {
+                dropped += 1;
+                match policy {
+                    OnFull::DropOldest => {
+                        self.events.pop_front();
+                    }
+                    OnFull::DropNewest => continue,
+                }
+            }
+            self.events.push_back(event.clone());
+        }
+        self.missed(dropped);
+        dropped
+    }
+
+    /// Whether there is something to tell the client.
+    fn has_frame(&self) -> bool {
+        self.unreported > 0 || !self.events.is_empty()
+    }
+
+    /// The next frame: the `lagged` notice if drops are unreported, else the
+    /// oldest events (at most `max`), else nothing.
+    fn next_frame(&mut self, max: usize) -> Option<Message> {
+        if self.unreported > 0 {
+            let missed = std::mem::take(&mut self.unreported);
+            let text = format!("{{\"type\":\"lagged\",\"missed\":{missed}}}");
+            return Some(Message::Text(text.into()));
+        }
+        if self.events.is_empty() {
+            return None;
+        }
+        let n = self.events.len().min(max.max(1));
+        let size: usize = self.events.iter().take(n).map(|e| e.json().len() + 1).sum();
+        let mut text = String::with_capacity(size + 32);
+        text.push_str("{\"type\":\"events\",\"events\":[");
+        for (i, event) in self.events.drain(..n).enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(event.json());
+        }
+        text.push_str("]}");
+        Some(Message::Text(text.into()))
+    }
+}
+
+/// One WebSocket session's view of the live stream. See the module docs.
+#[derive(Debug)]
+pub struct Observer {
+    /// This session's id at the Observable.
+    id: ObserverId,
+    /// Buffer size, policy, frame cap and timeouts.
+    settings: ObserverSettings,
+    /// Where to subscribe, resubscribe (filter changes) and unsubscribe.
+    observable: Addr<Observable>,
+    /// The current topic filter; `None` means every event.
+    pattern: Option<TopicPattern>,
+    /// Frames for the socket. Its fullness is the client's backpressure.
+    outgoing: mpsc::Sender<Message>,
+    /// The slot reserved for the close frame, taken when the Observer is
+    /// created so that a close can be queued even when the client stalls.
+    close_permit: Option<OwnedPermit<Message>>,
+    /// Events not yet written and drops not yet reported.
+    pending: Pending,
+    /// A spawned future is waiting for room in `outgoing`.
+    waiting_for_room: bool,
+    /// Fires [`CLOSE_STALLED`] if the wait for room lasts too long.
+    stall_timer: Option<SpawnHandle>,
+    /// A `Subscribe` is on its way to the Observable.
+    subscribing: bool,
+    /// The filter changed while a `Subscribe` was on its way: send another.
+    resubscribe: bool,
+    /// When something last arrived from the client (for the client timeout).
+    last_heard: Instant,
+    /// When the session started.
+    started_at: Instant,
+    /// Whether the last delivery dropped events (to log lagging once per episode).
+    lagging: bool,
+    /// Why the session ended, once it is ending; `Some` also means "closing",
+    /// after which client frames and events are ignored.
+    ended: Option<String>,
+    /// This session's place in the count of connected observers.
+    slot: Option<SessionSlot>,
+}
+
+impl Observer {
+    /// An Observer for one client, writing to `outgoing` (see
+    /// [`outgoing_channel`]) and subscribing to `observable` with `pattern`.
+    pub fn new(
+        settings: ObserverSettings,
+        observable: Addr<Observable>,
+        pattern: Option<TopicPattern>,
+        outgoing: mpsc::Sender<Message>,
+    ) -> Observer {
+        let close_permit = outgoing.clone().try_reserve_owned().ok();
+        let now = Instant::now();
+        Observer {
+            id: ObserverId::next(),
+            pending: Pending::new(settings.buffer),
+            settings,
+            observable,
+            pattern,
+            outgoing,
+            close_permit,
+            waiting_for_room: false,
+            stall_timer: None,
+            subscribing: false,
+            resubscribe: false,
+            last_heard: now,
+            started_at: now,
+            lagging: false,
+            ended: None,
+            slot: None,
+        }
+    }
+
+    /// Holds `slot` for the life of the session (released when it stops).
+    pub fn with_slot(mut self, slot: SessionSlot) -> Observer {
+        self.slot = Some(slot);
+        self
+    }
+
+    /// This session's id.
+    pub fn id(&self) -> ObserverId {
+        self.id
+    }
+
+    /// Starts the Observer with a bounded mailbox ([`MAILBOX_CAPACITY`]),
+    /// reading the client's decoded frames from `incoming`.
+    pub fn start_with<S>(self, incoming: S) -> Addr<Observer>
+    where
+        S: Stream<Item = Result<Frame, ProtocolError>> + 'static,
+    {
+        Observer::create(move |ctx| {
+            ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+            ctx.add_stream(incoming);
+            self
+        })
+    }
+
+    /// Sends the current filter to the Observable, one `Subscribe` at a time:
+    /// filter changes that arrive meanwhile are coalesced into the next one,
+    /// so a client flooding filter messages costs one message in flight.
+    fn subscribe(&mut self, ctx: &mut Context<Self>) {
+        if self.subscribing {
+            self.resubscribe = true;
+            return;
+        }
+        self.subscribing = true;
+        let request = self.observable.send(Subscribe {
+            id: self.id,
+            addr: ctx.address().recipient(),
+            pattern: self.pattern.clone(),
+        });
+        ctx.spawn(
+            fut::wrap_future(request).map(|result, act: &mut Observer, ctx| {
+                act.subscribing = false;
+                if result.is_err() {
+                    act.close(
+                        ctx,
+                        CloseCode::Away,
+                        "the live stream is unavailable".into(),
+                    );
+                } else if std::mem::take(&mut act.resubscribe) {
+                    act.subscribe(ctx);
+                }
+            }),
+        );
+    }
+
+    /// Writes frames while the channel has room; when it has none, waits for
+    /// room in a spawned future (and arms the stall timer).
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.waiting_for_room || self.ended.is_some() {
+            return;
+        }
+        while self.pending.has_frame() {
+            let closed = match self.outgoing.try_reserve() {
+                Ok(permit) => {
+                    if let Some(frame) = self.pending.next_frame(self.settings.max_events_per_frame)
+                    {
+                        permit.send(frame);
+                    }
+                    continue;
+                }
+                Err(TrySendError::Full(())) => false,
+                Err(TrySendError::Closed(())) => true,
+            };
+            if closed {
+                self.gone(ctx);
+            } else {
+                self.wait_for_room(ctx);
+            }
+            return;
+        }
+    }
+
+    /// Waits for the socket to drain: the permit is the signal, awaited in a
+    /// spawned future so that the Observer keeps buffering (and dropping)
+    /// meanwhile.
+    fn wait_for_room(&mut self, ctx: &mut Context<Self>) {
+        self.waiting_for_room = true;
+        let stall_timeout = self.settings.stall_timeout;
+        self.stall_timer = Some(ctx.run_later(stall_timeout, move |act, ctx| {
+            act.stall_timer = None;
+            act.close(
+                ctx,
+                CloseCode::Other(CLOSE_STALLED),
+                format!(
+                    "stalled: the client read nothing for {}s",
+                    stall_timeout.as_secs()
+                ),
+            );
+        }));
+        let room = self.outgoing.clone().reserve_owned();
+        ctx.spawn(
+            fut::wrap_future(room).map(|result, act: &mut Observer, ctx| {
+                act.waiting_for_room = false;
+                if let Some(timer) = act.stall_timer.take() {
+                    ctx.cancel_future(timer);
+                }
+                if act.ended.is_some() {
+                    return;
+                }
+                match result {
+                    Ok(permit) => {
+                        if let Some(frame) =
+                            act.pending.next_frame(act.settings.max_events_per_frame)
+                        {
+                            permit.send(frame);
+                        }
+                        act.flush(ctx);
+                    }
+                    Err(_) => act.gone(ctx),
+                }
+            }),
+        );
+    }
+
+    /// Ends the session with a close frame (queued in the reserved slot).
+    fn close(&mut self, ctx: &mut Context<Self>, code: CloseCode, reason: String) {
+        if self.ended.is_some() {
+            return;
+        }
+        let reason = truncate(reason, MAX_CLOSE_REASON);
+        self.ended = Some(format!("closed with {}: {reason}", u16::from(code)));
+        if let Some(permit) = self.close_permit.take() {
+            permit.send(Message::Close(Some(CloseReason {
+                code,
+                description: Some(reason),
+            })));
+        }
+        ctx.stop();
+    }
+
+    /// Ends the session because the client is gone (nobody to tell).
+    fn gone(&mut self, ctx: &mut Context<Self>) {
+        if self.ended.is_none() {
+            self.ended = Some("the client went away".into());
+        }
+        ctx.stop();
+    }
+
+    /// Handles a text frame from the client.
+    fn on_text(&mut self, text: &[u8], ctx: &mut Context<Self>) {
+        let message = match serde_json::from_slice::<ClientMessage>(text) {
+            Ok(message) => message,
+            Err(err) => {
+                self.close(
+                    ctx,
+                    CloseCode::Policy,
+                    format!("not a known client message: {err}"),
+                );
+                return;
+            }
+        };
+        match message {
+            ClientMessage::Filter { topic } => {
+                let pattern = match topic.as_deref().map(TopicPattern::parse).transpose() {
+                    Ok(pattern) => pattern,
+                    Err(err) => {
+                        self.close(ctx, CloseCode::Policy, err.to_string());
+                        return;
+                    }
+                };
+                if pattern != self.pattern {
+                    self.pattern = pattern;
+                    self.subscribe(ctx);
+                }
+            }
+        }
+    }
+}
+
+/// Cuts `text` to at most `max` bytes, at a character boundary.
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+impl Actor for Observer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ObserverConnected {
+            observer: self.id.0,
+            connected: self.slot.as_ref().map_or(0, SessionSlot::connected),
+        }
+        .emit();
+        self.subscribe(ctx);
+        // A zero interval would spin; a tenth of a second is already plenty.
+        let heartbeat = self.settings.heartbeat.max(Duration::from_millis(100));
+        ctx.run_interval(heartbeat, |act, ctx| {
+            if act.last_heard.elapsed() >= act.settings.client_timeout {
+                let secs = act.settings.client_timeout.as_secs();
+                act.close(
+                    ctx,
+                    CloseCode::Other(CLOSE_TIMEOUT),
+                    format!("timeout: nothing received from the client for {secs}s"),
+                );
+                return;
+            }
+            // A full channel means the client is not reading: the ping would
+            // not reach it anyway, and the client timeout will tell.
+            if let Err(TrySendError::Closed(_)) = act.outgoing.try_send(Message::Ping(Bytes::new()))
+            {
+                act.gone(ctx);
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // The service is stopping (nobody asked this session to end): say so.
+        if let Some(permit) = self.close_permit.take() {
+            if self.ended.is_none() {
+                permit.send(Message::Close(Some(CloseReason {
+                    code: CloseCode::Away,
+                    description: Some("the service is stopping".into()),
+                })));
+                self.ended = Some("the service is stopping".into());
+            }
+        }
+        // A rare control message, sent once per session from a stopping actor
+        // that cannot wait. If it overtakes a `Subscribe` still in flight, the
+        // Observable forgets this observer at its next delivery anyway, since
+        // this mailbox is then closed.
+        self.observable.do_send(Unsubscribe { id: self.id });
+        let connected = self.slot.take().map_or(0, |slot| {
+            let count = slot.count.clone();
+            drop(slot);
+            count.load(Ordering::Acquire)
+        });
+        ObserverDisconnected {
+            observer: self.id.0,
+            connected,
+            reason: self.ended.take().unwrap_or_default(),
+            dropped: self.pending.total_dropped,
+            lasted: self.started_at.elapsed(),
+        }
+        .emit();
+    }
+}
+
+impl Handler<Deliver> for Observer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
+        if self.ended.is_some() {
+            return;
+        }
+        if msg.missed > 0 {
+            self.pending.missed(msg.missed);
+        }
+        let dropped = self.pending.push(&msg.events, self.settings.on_full);
+        if dropped > 0 {
+            LiveEventsDropped {
+                stage: DropStage::Observer,
+                events: dropped,
+            }
+            .emit();
+        }
+        let lagging = dropped > 0 || msg.missed > 0;
+        if lagging && !self.lagging {
+            ObserverLagging {
+                observer: self.id.0,
+                stage: if dropped > 0 {
+                    DropStage::Observer
+                } else {
+                    DropStage::Observable
+                },
+            }
+            .emit();
+        }
+        self.lagging = lagging;
+        self.flush(ctx);
+    }
+}
+
+impl StreamHandler<Result<Frame, ProtocolError>> for Observer {
+    fn handle(&mut self, item: Result<Frame, ProtocolError>, ctx: &mut Self::Context) {
+        if self.ended.is_some() {
+            return;
+        }
+        self.last_heard = Instant::now();
+        match item {
+            Ok(Frame::Text(text)) => self.on_text(&text, ctx),
+            Ok(Frame::Ping(payload)) => {
+                // Answered when there is room; a client that does not read
+                // does not need its pongs.
+                if let Err(TrySendError::Closed(_)) = self.outgoing.try_send(Message::Pong(payload))
+                {
+                    self.gone(ctx);
+                }
+            }
+            Ok(Frame::Pong(_)) => {}
+            Ok(Frame::Binary(_)) => self.close(
+                ctx,
+                CloseCode::Unsupported,
+                "binary frames are not supported; send JSON text".into(),
+            ),
+            Ok(Frame::Continuation(_)) => self.close(
+                ctx,
+                CloseCode::Unsupported,
+                "fragmented messages are not supported".into(),
+            ),
+            Ok(Frame::Close(_)) => {
+                self.close(ctx, CloseCode::Normal, "closed by the client".into())
+            }
+            Err(ProtocolError::Overflow) => {
+                self.close(ctx, CloseCode::Size, "frame larger than the limit".into())
+            }
+            Err(ProtocolError::Io(err)) => {
+                self.ended = Some(format!("the connection failed: {err}"));
+                ctx.stop();
+            }
+            Err(err) => self.close(ctx, CloseCode::Protocol, err.to_string()),
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        if self.ended.is_none() {
+            self.ended = Some("the client closed the connection".into());
+        }
+        ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_http::ws::Item;
+
+    use super::*;
+    use crate::messages::Publish;
+    use crate::observable::tests::event;
+    use crate::observable::CountObservers;
+
+    /// The client's side of a session under test.
+    struct Client {
+        /// Frames the Observer wrote for the socket.
+        frames: mpsc::Receiver<Message>,
+        /// Frames "from the browser".
+        send: mpsc::UnboundedSender<Result<Frame, ProtocolError>>,
+        /// The Observer.
+        addr: Addr<Observer>,
+        /// The Observable it subscribed to.
+        observable: Addr<Observable>,
+    }
+
+    /// Settings whose timers never fire during a test unless it says so.
+    fn quiet(buffer: usize, on_full: OnFull) -> ObserverSettings {
+        ObserverSettings {
+            buffer,
+            on_full,
+            max_events_per_frame: 256,
+            heartbeat: Duration::from_secs(3600),
+            client_timeout: Duration::from_secs(7200),
+            stall_timeout: Duration::from_secs(7200),
+        }
+    }
+
+    /// Starts an Observer; when `stalled`, the two data slots of its channel
+    /// are filled first (with `Nop`s the test reads later), as if the socket
+    /// had stopped draining. The returned sender keeps the channel open.
+    fn connect(
+        settings: ObserverSettings,
+        pattern: Option<&str>,
+        stalled: bool,
+    ) -> (Client, Option<mpsc::Sender<Message>>) {
+        let observable = Observable::start_bounded(64);
+        let (tx, frames) = outgoing_channel();
+        let (send, incoming) = mpsc::unbounded_channel();
+        let incoming = futures_util::stream::unfold(incoming, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let pattern = pattern.map(|p| TopicPattern::parse(p).expect("valid pattern"));
+        let observer = Observer::new(settings, observable.clone(), pattern, tx.clone());
+        let filler = if stalled {
+            for _ in 0..OUTGOING_FRAMES {
+                tx.try_send(Message::Nop).expect("room for filler");
+            }
+            Some(tx)
+        } else {
+            drop(tx);
+            None
+        };
+        let addr = observer.start_with(incoming);
+        let client = Client {
+            frames,
+            send,
+            addr,
+            observable,
+        };
+        (client, filler)
+    }
+
+    fn live(keys_and_numbers: impl IntoIterator<Item = u64>) -> Arc<[Arc<LiveEvent>]> {
+        keys_and_numbers
+            .into_iter()
+            .map(|n| Arc::new(LiveEvent::from_event(&event("k", n))))
+            .collect()
+    }
+
+    async fn deliver(client: &Client, numbers: impl IntoIterator<Item = u64>, missed: u64) {
+        client
+            .addr
+            .send(Deliver {
+                events: live(numbers),
+                missed,
+            })
+            .await
+            .expect("observer alive");
+    }
+
+    async fn next(client: &mut Client) -> Message {
+        client.frames.recv().await.expect("a frame")
+    }
+
+    fn json(message: Message) -> serde_json::Value {
+        match message {
+            Message::Text(text) => serde_json::from_str(&text).expect("JSON frame"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// The `n` of each event in an `events` frame.
+    fn numbers(message: Message) -> Vec<u64> {
+        let v = json(message);
+        assert_eq!(v["type"], "events");
+        v["events"]
+            .as_array()
+            .expect("events array")
+            .iter()
+            .map(|e| e["payload"]["n"].as_u64().expect("n"))
+            .collect()
+    }
+
+    fn lagged(message: Message) -> u64 {
+        let v = json(message);
+        assert_eq!(v["type"], "lagged", "expected lagged, got {v}");
+        v["missed"].as_u64().expect("missed")
+    }
+
+    fn close_code(message: Message) -> u16 {
+        match message {
+            Message::Close(Some(reason)) => reason.code.into(),
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+
+    async fn read_fillers(client: &mut Client) {
+        for _ in 0..OUTGOING_FRAMES {
+            assert!(matches!(next(client).await, Message::Nop));
+        }
+    }
+
+    /// After a close, the channel ends (the Observer is gone) and the
+    /// Observable no longer knows the observer.
+    async fn assert_ended(client: &mut Client) {
+        assert!(client.frames.recv().await.is_none(), "channel should end");
+        let count = client.observable.send(CountObservers).await.expect("alive");
+        assert_eq!(count, 0);
+    }
+
+    #[actix::test]
+    async fn a_fast_client_gets_every_event_in_order() {
+        let (mut client, _) = connect(quiet(8, OnFull::DropOldest), None, false);
+        let mut seen = Vec::new();
+        for n in 0..50 {
+            deliver(&client, [n], 0).await;
+            seen.extend(numbers(next(&mut client).await));
+        }
+        assert_eq!(seen, (0..50).collect::<Vec<_>>());
+    }
+
+    #[actix::test]
+    async fn a_stalled_client_keeps_the_newest_k_and_is_told_what_it_missed() {
+        let (mut client, _filler) = connect(quiet(4, OnFull::DropOldest), None, true);
+        for n in 1..=7 {
+            deliver(&client, [n], 0).await;
+        }
+        read_fillers(&mut client).await;
+        assert_eq!(lagged(next(&mut client).await), 3);
+        assert_eq!(numbers(next(&mut client).await), [4, 5, 6, 7]);
+        // Caught up: the next event goes out alone, with no lagged notice.
+        deliver(&client, [8], 0).await;
+        assert_eq!(numbers(next(&mut client).await), [8]);
+    }
+
+    #[actix::test]
+    async fn drop_newest_keeps_the_oldest_k() {
+        let (mut client, _filler) = connect(quiet(4, OnFull::DropNewest), None, true);
+        deliver(&client, 1..=3, 0).await;
+        deliver(&client, 4..=7, 0).await;
+        read_fillers(&mut client).await;
+        assert_eq!(lagged(next(&mut client).await), 3);
+        assert_eq!(numbers(next(&mut client).await), [1, 2, 3, 4]);
+    }
+
+    #[actix::test]
+    async fn upstream_misses_are_reported_with_local_drops() {
+        let (mut client, _filler) = connect(quiet(2, OnFull::DropOldest), None, true);
+        deliver(&client, [1], 0).await;
+        deliver(&client, [7, 8], 5).await;
+        read_fillers(&mut client).await;
+        // Five missed at the Observable, one dropped here (event 1).
+        assert_eq!(lagged(next(&mut client).await), 6);
+        assert_eq!(numbers(next(&mut client).await), [7, 8]);
+    }
+
+    #[actix::test]
+    async fn frames_are_batched_up_to_the_cap_in_order() {
+        let mut settings = quiet(100, OnFull::DropOldest);
+        settings.max_events_per_frame = 4;
+        let (mut client, _filler) = connect(settings, None, true);
+        for n in 1..=10 {
+            deliver(&client, [n], 0).await;
+        }
+        read_fillers(&mut client).await;
+        assert_eq!(numbers(next(&mut client).await), [1, 2, 3, 4]);
+        assert_eq!(numbers(next(&mut client).await), [5, 6, 7, 8]);
+        assert_eq!(numbers(next(&mut client).await), [9, 10]);
+    }
+
+    #[actix::test]
+    async fn the_observable_and_observer_together_count_every_event() {
+        // Observable → Observer → stalled client, end to end: whatever the
+        // client receives plus what it is told it missed is everything.
+        let (mut client, filler) = connect(quiet(3, OnFull::DropOldest), None, true);
+        // A ping answered proves the Observer subscribed (its Subscribe was
+        // queued before the pong).
+        client
+            .send
+            .send(Ok(Frame::Ping(Bytes::new())))
+            .expect("open");
+        drop(filler);
+        read_fillers(&mut client).await;
+        assert!(matches!(next(&mut client).await, Message::Pong(_)));
+        for n in 0..20 {
+            let events: Vec<_> = (0..5).map(|i| event("k", n * 5 + i)).collect();
+            client
+                .observable
+                .send(Publish {
+                    missed: 0,
+                    events: events.into(),
+                })
+                .await
+                .expect("alive");
+        }
+        let (mut received, mut missed) = (0, 0);
+        while received + missed < 100 {
+            let v = json(next(&mut client).await);
+            match v["type"].as_str() {
+                Some("lagged") => missed += v["missed"].as_u64().expect("missed"),
+                Some("events") => received += v["events"].as_array().expect("array").len() as u64,
+                other => panic!("unexpected frame type {other:?}"),
+            }
+        }
+        assert_eq!(received + missed, 100);
+    }
+
+    #[actix::test]
+    async fn filters_select_events_and_can_be_changed_by_the_client() {
+        let (mut client, _) = connect(quiet(16, OnFull::DropOldest), Some("a.*"), false);
+        let filter = r#"{"type":"filter","topic":"b.#"}"#;
+        client
+            .send
+            .send(Ok(Frame::Ping(Bytes::new())))
+            .expect("open");
+        assert!(matches!(next(&mut client).await, Message::Pong(_)));
+        let publish = |keys: &[&str]| Publish {
+            missed: 0,
+            events: keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| event(k, i as u64))
+                .collect::<Vec<_>>()
+                .into(),
+        };
+        client
+            .observable
+            .send(publish(&["a.x", "b.x", "a.x.y"]))
+            .await
+            .expect("alive");
+        assert_eq!(numbers(next(&mut client).await), [0]);
+
+        client
+            .send
+            .send(Ok(Frame::Text(Bytes::from_static(filter.as_bytes()))))
+            .expect("open");
+        client
+            .send
+            .send(Ok(Frame::Ping(Bytes::new())))
+            .expect("open");
+        assert!(matches!(next(&mut client).await, Message::Pong(_)));
+        client
+            .observable
+            .send(publish(&["a.x", "b.x", "b", "c"]))
+            .await
+            .expect("alive");
+        assert_eq!(numbers(next(&mut client).await), [1, 2]);
+    }
+
+    async fn closes_with(frame: Result<Frame, ProtocolError>, code: u16) {
+        let (mut client, _) = connect(quiet(16, OnFull::DropOldest), None, false);
+        client.send.send(frame).expect("open");
+        assert_eq!(close_code(next(&mut client).await), code);
+        assert_ended(&mut client).await;
+    }
+
+    #[actix::test]
+    async fn malformed_text_closes_with_policy_violation() {
+        closes_with(Ok(Frame::Text(Bytes::from_static(b"hello"))), 1008).await;
+        closes_with(Ok(Frame::Text(Bytes::from_static(b"\xff\xfe"))), 1008).await;
+    }
+
+    #[actix::test]
+    async fn unknown_messages_close_with_policy_violation() {
+        closes_with(
+            Ok(Frame::Text(Bytes::from_static(
+                br#"{"type":"subscribe_all"}"#,
+            ))),
+            1008,
+        )
+        .await;
+        closes_with(
+            Ok(Frame::Text(Bytes::from_static(br#"{"topic":"a"}"#))),
+            1008,
+        )
+        .await;
+    }
+
+    #[actix::test]
+    async fn an_invalid_topic_closes_with_policy_violation() {
+        closes_with(
+            Ok(Frame::Text(Bytes::from_static(
+                br#"{"type":"filter","topic":"orders*"}"#,
+            ))),
+            1008,
+        )
+        .await;
+    }
+
+    #[actix::test]
+    async fn binary_and_fragmented_frames_close_with_unsupported_data() {
+        closes_with(Ok(Frame::Binary(Bytes::from_static(b"\x00\x01"))), 1003).await;
+        closes_with(
+            Ok(Frame::Continuation(Item::FirstText(Bytes::from_static(
+                b"{",
+            )))),
+            1003,
+        )
+        .await;
+    }
+
+    #[actix::test]
+    async fn oversized_frames_close_with_message_too_big() {
+        closes_with(Err(ProtocolError::Overflow), 1009).await;
+    }
+
+    #[actix::test]
+    async fn protocol_errors_close_with_protocol_error() {
+        closes_with(Err(ProtocolError::UnmaskedFrame), 1002).await;
+    }
+
+    #[actix::test]
+    async fn a_client_close_is_answered_and_ends_the_session() {
+        closes_with(Ok(Frame::Close(Some(CloseCode::Normal.into()))), 1000).await;
+    }
+
+    #[actix::test]
+    async fn the_session_ends_when_the_client_goes_away() {
+        let (mut client, _) = connect(quiet(16, OnFull::DropOldest), None, false);
+        // Dropping the only sender ends the incoming stream, as a closed
+        // connection ends the decoded payload.
+        drop(std::mem::replace(
+            &mut client.send,
+            mpsc::unbounded_channel().0,
+        ));
+        assert_ended(&mut client).await;
+    }
+
+    #[actix::test]
+    async fn a_stalled_client_is_closed_after_the_stall_timeout() {
+        tokio::time::pause();
+        let mut settings = quiet(4, OnFull::DropOldest);
+        settings.stall_timeout = Duration::from_secs(5);
+        let (mut client, filler) = connect(settings, None, true);
+        deliver(&client, [1], 0).await;
+        drop(filler);
+        let started = Instant::now();
+        // Nothing is read until after the timeout. Time is paused: this sleep
+        // takes no real time, and the runtime fires every timer due before it
+        // (the Observer's stall timer at 5 s) before the test resumes.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        read_fillers(&mut client).await;
+        assert_eq!(close_code(next(&mut client).await), CLOSE_STALLED);
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        assert_ended(&mut client).await;
+    }
+
+    #[actix::test]
+    async fn a_silent_client_is_pinged_then_closed_after_the_client_timeout() {
+        tokio::time::pause();
+        let mut settings = quiet(4, OnFull::DropOldest);
+        settings.heartbeat = Duration::from_secs(1);
+        settings.client_timeout = Duration::from_secs(3);
+        let (mut client, _) = connect(settings, None, false);
+        let mut pings = 0;
+        let code = loop {
+            match next(&mut client).await {
+                Message::Ping(_) => pings += 1,
+                other => break close_code(other),
+            }
+        };
+        assert_eq!(code, CLOSE_TIMEOUT);
+        assert!((1..=3).contains(&pings), "{pings} pings");
+        assert_ended(&mut client).await;
+    }
+
+    #[actix::test]
+    async fn a_client_answering_pings_stays_connected() {
+        tokio::time::pause();
+        let mut settings = quiet(4, OnFull::DropOldest);
+        settings.heartbeat = Duration::from_secs(1);
+        settings.client_timeout = Duration::from_secs(3);
+        let (mut client, _) = connect(settings, None, false);
+        for _ in 0..10 {
+            assert!(matches!(next(&mut client).await, Message::Ping(_)));
+            client
+                .send
+                .send(Ok(Frame::Pong(Bytes::new())))
+                .expect("open");
+        }
+    }
+
+    #[test]
+    fn pending_buffer_policies() {
+        let events = live(1..=5);
+        let mut oldest = Pending::new(3);
+        assert_eq!(oldest.push(&events, OnFull::DropOldest), 2);
+        let mut newest = Pending::new(3);
+        assert_eq!(newest.push(&events, OnFull::DropNewest), 2);
+        assert_eq!(lagged(oldest.next_frame(10).expect("frame")), 2);
+        assert_eq!(numbers(oldest.next_frame(10).expect("frame")), [3, 4, 5]);
+        assert!(oldest.next_frame(10).is_none());
+        assert_eq!(lagged(newest.next_frame(10).expect("frame")), 2);
+        assert_eq!(numbers(newest.next_frame(10).expect("frame")), [1, 2, 3]);
+    }
+
+    #[test]
+    fn settings_parse_and_close_reasons_fit_a_control_frame() {
+        assert_eq!("drop-oldest".parse(), Ok(OnFull::DropOldest));
+        assert_eq!("drop-newest".parse(), Ok(OnFull::DropNewest));
+        assert!("block".parse::<OnFull>().is_err());
+        assert_eq!(OnFull::default(), OnFull::DropOldest);
+        let long = "é".repeat(100);
+        let cut = truncate(long, MAX_CLOSE_REASON);
+        assert!(cut.len() <= MAX_CLOSE_REASON);
+    }
+
+    #[test]
+    fn session_slots_are_bounded_and_released() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let a = SessionSlot::try_acquire(&count, 2).expect("room");
+        let b = SessionSlot::try_acquire(&count, 2).expect("room");
+        assert!(SessionSlot::try_acquire(&count, 2).is_none());
+        assert_eq!(a.connected(), 2);
+        drop(b);
+        assert!(SessionSlot::try_acquire(&count, 2).is_some());
+        drop(a);
+        assert_eq!(count.load(Ordering::Acquire), 0);
+    }
+}

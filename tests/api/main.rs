@@ -1,0 +1,8 @@
+//! Integration tests of the datastore path against the real RabbitMQ and
+//! PostgreSQL: one test binary, each test with its own database and its own
+//! AMQP prefix, so they run in parallel.
+
+mod datastore;
+mod faults;
+mod helpers;
+mod overload;
