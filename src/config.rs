@@ -25,6 +25,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the service (the default).
     Serve,
+    /// Publish test events to the service's exchange (`AMQP_PREFIX` at
+    /// `AMQP_URL`) with publisher confirms: a load generator.
+    Load(crate::load::LoadArgs),
 }
 
 /// The service's settings.
@@ -127,7 +130,12 @@ pub struct Config {
 
     /// Origins allowed to open `/ws`, comma-separated `scheme://host[:port]`,
     /// or `*`. Empty: the service's own origin and localhost only.
-    #[arg(long, env = "WS_ALLOWED_ORIGINS", value_delimiter = ',', default_value = "")]
+    #[arg(
+        long,
+        env = "WS_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
     pub ws_allowed_origins: Vec<String>,
 
     /// When set, `/ws` requires it, as `Authorization: Bearer <token>` or `?token=`.

@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     telemetry::init_logging(&cli.service.log_filter);
     let result = match cli.command {
         None | Some(Command::Serve) => actix_web::rt::System::new().block_on(serve(cli.service)),
+        Some(Command::Load(args)) => load(&cli.service, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -27,6 +28,19 @@ async fn serve(config: sluice::config::Config) -> anyhow::Result<()> {
     let metrics = telemetry::install_metrics()?;
     let app = Application::build(config, metrics).await?;
     app.run_until(shutdown_signal()).await
+}
+
+/// `sluice load`: publish test events on a single-threaded runtime.
+fn load(config: &sluice::config::Config, args: &sluice::load::LoadArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(sluice::load::run(
+        &config.amqp_url,
+        &config.amqp_prefix,
+        args,
+    ))?;
+    Ok(())
 }
 
 /// Completes on the first SIGTERM or SIGINT.

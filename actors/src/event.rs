@@ -148,7 +148,12 @@ pub struct Refused {
 }
 
 impl Refused {
-    fn new(reason: DeadReason, detail: String, body: Vec<u8>, properties: BasicProperties) -> Box<Refused> {
+    fn new(
+        reason: DeadReason,
+        detail: String,
+        body: Vec<u8>,
+        properties: BasicProperties,
+    ) -> Box<Refused> {
         Box::new(Refused {
             reason,
             detail,
@@ -176,7 +181,12 @@ impl EventData {
         received_at: SystemTime,
     ) -> Result<EventData, Box<Refused>> {
         if body.is_empty() {
-            return Err(Refused::new(DeadReason::Empty, "empty body".into(), body, properties));
+            return Err(Refused::new(
+                DeadReason::Empty,
+                "empty body".into(),
+                body,
+                properties,
+            ));
         }
         if body.len() > limits.max_body_bytes {
             let detail = format!(

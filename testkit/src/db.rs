@@ -152,7 +152,8 @@ impl TestDb {
             })
     }
 
-    /// Run `f` with a live client, reconnecting once if the cached one is gone.
+    /// Run `sql` on the cached client and return the first column of its one row,
+    /// reconnecting once if the cached connection is gone.
     async fn with_client<T>(
         &self,
         sql: &str,

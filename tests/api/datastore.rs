@@ -52,11 +52,18 @@ async fn duplicates_are_stored_once() {
     }
     app.wait_rows(201).await;
     assert_eq!(app.terminate(), Some(0));
-    assert_eq!(app.rows().await, 201, "no row appeared after the others were acked");
+    assert_eq!(
+        app.rows().await,
+        201,
+        "no row appeared after the others were acked"
+    );
     assert_eq!(app.ingest_ready().await, 0, "duplicates were acked too");
     let derived: String = app
         .db
-        .query_scalar("SELECT message_id FROM events WHERE routing_key = 'no.id'", &[])
+        .query_scalar(
+            "SELECT message_id FROM events WHERE routing_key = 'no.id'",
+            &[],
+        )
         .await;
     assert!(derived.starts_with("sha256:"), "derived key: {derived}");
     app.cleanup().await;
@@ -71,7 +78,11 @@ async fn bad_bodies_are_dead_lettered_with_their_reason_and_the_rest_is_stored()
         ("bad-json", b"{not json".to_vec(), "not_json"),
         ("bad-utf8", vec![b'"', 0xff, 0xfe, b'"'], "not_utf8"),
         ("bad-empty", Vec::new(), "empty"),
-        ("bad-nul", br#"{"s":"a\u0000b"}"#.to_vec(), "rejected_by_database"),
+        (
+            "bad-nul",
+            br#"{"s":"a\u0000b"}"#.to_vec(),
+            "rejected_by_database",
+        ),
         ("bad-big", big.into_bytes(), "too_large"),
     ];
     app.publish("good", 50).await;
@@ -90,7 +101,11 @@ async fn bad_bodies_are_dead_lettered_with_their_reason_and_the_rest_is_stored()
         })
         .collect();
     for (id, body, reason) in &bad {
-        assert_eq!(reasons.get(*id).map(String::as_str), Some(*reason), "reason of {id}");
+        assert_eq!(
+            reasons.get(*id).map(String::as_str),
+            Some(*reason),
+            "reason of {id}"
+        );
         let letter = letters
             .iter()
             .find(|m| m.message_id().as_deref() == Some(*id))
@@ -100,7 +115,11 @@ async fn bad_bodies_are_dead_lettered_with_their_reason_and_the_rest_is_stored()
         assert!(header(letter, "x-sluice-detail").is_some_and(|d| !d.is_empty()));
     }
     assert_eq!(app.terminate(), Some(0));
-    assert_eq!(app.ingest_ready().await, 0, "bad messages were settled, not left unacked");
+    assert_eq!(
+        app.ingest_ready().await,
+        0,
+        "bad messages were settled, not left unacked"
+    );
     assert_eq!(app.rows().await, 100);
     app.cleanup().await;
 }

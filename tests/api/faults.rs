@@ -55,7 +55,11 @@ async fn killed_mid_stream_and_restarted_every_event_is_stored_once() {
     let status = restarted.wait_exit(PATIENCE).expect("exits");
     assert_eq!(status.code(), Some(0), "logs:\n{}", restarted.logs());
     assert_eq!(app.ingest_ready().await, 0);
-    assert_eq!(app.dead_ready().await, 0, "an outage is not a reason to dead-letter");
+    assert_eq!(
+        app.dead_ready().await,
+        0,
+        "an outage is not a reason to dead-letter"
+    );
     app.cleanup().await;
 }
 
@@ -72,8 +76,7 @@ async fn database_cut_mid_stream_resumes_by_itself_and_loses_nothing() {
 
     proxy.set_mode(Mode::Refuse);
     proxy.cut();
-    app.service
-        .wait_for_log("database unavailable", PATIENCE);
+    app.service.wait_for_log("database unavailable", PATIENCE);
     let during = app.rows().await;
     assert!(during < 2000, "the cut happened mid-stream ({during} rows)");
     // While the database is down nothing is acked, so nothing can be lost:
@@ -115,7 +118,13 @@ async fn sigterm_drains_what_was_delivered_and_exits_zero() {
 fn close_broker_connection(prefix: &str) {
     let name = format!("sluice {prefix}");
     let output = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "--no-table-headers", "pid", "client_properties"])
+        .args([
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
         .output()
         .expect("rabbitmqctl runs (this test needs it, as on the CI machines)");
     let listing = String::from_utf8_lossy(&output.stdout);
@@ -125,7 +134,12 @@ fn close_broker_connection(prefix: &str) {
         .and_then(|line| line.split_whitespace().next())
         .unwrap_or_else(|| panic!("no connection named {name:?} in:\n{listing}"));
     let status = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "close_connection", pid, "test: broker connection lost"])
+        .args([
+            "-q",
+            "close_connection",
+            pid,
+            "test: broker connection lost",
+        ])
         .status()
         .expect("rabbitmqctl runs");
     assert!(status.success(), "rabbitmqctl close_connection failed");
@@ -147,7 +161,11 @@ async fn broker_connection_lost_mid_stream_reconnects_and_loses_nothing() {
     app.service.wait_for_log("channel generation 2", PATIENCE);
     app.wait_rows(3000).await;
     assert_eq!(app.terminate(), Some(0), "logs:\n{}", app.service.logs());
-    assert_eq!(app.ingest_ready().await, 0, "redeliveries were acked on the new channel");
+    assert_eq!(
+        app.ingest_ready().await,
+        0,
+        "redeliveries were acked on the new channel"
+    );
     assert_eq!(app.dead_ready().await, 0);
     app.cleanup().await;
 }

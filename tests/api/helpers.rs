@@ -37,7 +37,9 @@ pub async fn spawn_app_with(db: TestDb, extra: &[(&str, String)]) -> TestApp {
     ];
     env.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
     let service = start(&env);
-    let publisher = Publisher::connect(&amqp_url).await.expect("publisher connects");
+    let publisher = Publisher::connect(&amqp_url)
+        .await
+        .expect("publisher connects");
     TestApp {
         db,
         prefix,
@@ -98,7 +100,9 @@ impl TestApp {
     pub async fn take_dead_letters(&self, n: u32) -> Vec<GotMessage> {
         let queue = format!("{}.dead", self.prefix);
         eventually(PATIENCE, &format!("{n} dead letters"), || async {
-            let ready = amqp::ready_count(&self.amqp_url, &queue).await.expect("queue exists");
+            let ready = amqp::ready_count(&self.amqp_url, &queue)
+                .await
+                .expect("queue exists");
             if ready >= n {
                 Ok(())
             } else {
@@ -106,7 +110,9 @@ impl TestApp {
             }
         })
         .await;
-        amqp::get_all(&self.amqp_url, &queue).await.expect("read dead letters")
+        amqp::get_all(&self.amqp_url, &queue)
+            .await
+            .expect("read dead letters")
     }
 
     /// Messages waiting in the ingest queue (not delivered to anyone).

@@ -29,15 +29,19 @@ async fn overloaded(policy: &str) -> (TestApp, Proxy) {
 }
 
 async fn settle_everything(app: &TestApp) -> (i64, u32) {
-    eventually(PATIENCE, &format!("all {N} messages are stored or dead-lettered"), || async {
-        let rows = app.rows().await;
-        let dead = app.dead_ready().await;
-        if rows + i64::from(dead) == N as i64 && app.ingest_ready().await == 0 {
-            Ok((rows, dead))
-        } else {
-            Err(format!("{rows} rows + {dead} dead letters"))
-        }
-    })
+    eventually(
+        PATIENCE,
+        &format!("all {N} messages are stored or dead-lettered"),
+        || async {
+            let rows = app.rows().await;
+            let dead = app.dead_ready().await;
+            if rows + i64::from(dead) == N as i64 && app.ingest_ready().await == 0 {
+                Ok((rows, dead))
+            } else {
+                Err(format!("{rows} rows + {dead} dead letters"))
+            }
+        },
+    )
     .await
 }
 
@@ -55,14 +59,24 @@ async fn assert_dropped_by_policy(policy: &str) {
     let mut ids: Vec<String> = letters.iter().filter_map(|m| m.message_id()).collect();
     let stored: Vec<String> = app
         .db
-        .query_scalar("SELECT coalesce(array_agg(message_id), '{}') FROM events", &[])
+        .query_scalar(
+            "SELECT coalesce(array_agg(message_id), '{}') FROM events",
+            &[],
+        )
         .await;
     ids.extend(stored);
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), N, "every message is either a row or a dead letter");
+    assert_eq!(
+        ids.len(),
+        N,
+        "every message is either a row or a dead letter"
+    );
     let counted = app
-        .metric("sluice_queue_dropped_events_total", &format!("policy=\"{policy}\""))
+        .metric(
+            "sluice_queue_dropped_events_total",
+            &format!("policy=\"{policy}\""),
+        )
         .await;
     assert_eq!(counted as u32, dead, "every drop is counted");
     assert_eq!(app.terminate(), Some(0));
@@ -111,7 +125,10 @@ impl TableLock {
     }
 
     async fn release(self) {
-        self.client.batch_execute("COMMIT").await.expect("lock released");
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .expect("lock released");
     }
 }
 
@@ -120,7 +137,10 @@ async fn dedupe_by_message_id_stores_one_row_per_id_and_acks_every_delivery() {
     let db = fresh_database().await;
     let app = spawn_app_with(
         db,
-        &[("QUEUE_DEDUPE", "message-id".into()), ("WRITERS", "1".into())],
+        &[
+            ("QUEUE_DEDUPE", "message-id".into()),
+            ("WRITERS", "1".into()),
+        ],
     )
     .await;
     let lock = TableLock::take(&app.db).await;
@@ -139,10 +159,16 @@ async fn dedupe_by_message_id_stores_one_row_per_id_and_acks_every_delivery() {
     })
     .await;
     let merged = app
-        .metric("sluice_queue_deduplicated_events_total", "mode=\"message-id\"")
+        .metric(
+            "sluice_queue_deduplicated_events_total",
+            "mode=\"message-id\"",
+        )
         .await;
     let acked = app.metric("sluice_amqp_acked_deliveries_total", "").await;
-    assert_eq!(acked, 0.0, "no duplicate is acked before its survivor commits");
+    assert_eq!(
+        acked, 0.0,
+        "no duplicate is acked before its survivor commits"
+    );
     lock.release().await;
     app.wait_rows(30).await;
     // The first delivery went straight to the (blocked) writer; its later
@@ -151,6 +177,10 @@ async fn dedupe_by_message_id_stores_one_row_per_id_and_acks_every_delivery() {
     assert!(merged >= 300.0 - 30.0 * 2.0, "merged {merged}");
     assert_eq!(app.terminate(), Some(0));
     assert_eq!(app.rows().await, 30);
-    assert_eq!(app.ingest_ready().await, 0, "every duplicate delivery was acked");
+    assert_eq!(
+        app.ingest_ready().await,
+        0,
+        "every duplicate delivery was acked"
+    );
     app.cleanup().await;
 }
