@@ -1,0 +1,362 @@
+//! The dashboard in a real browser: Debian's Chromium, headless, driven over
+//! WebDriver (`chromedriver`) against the real service, RabbitMQ and PostgreSQL.
+//!
+//! The test opens `/`, publishes events, and waits (bounded) until they show
+//! in the live tail and the charts have data; it then checks the topic filter
+//! and saves a screenshot to `target/dashboard.png` for a person to look at.
+//! The page mirrors its state in `data-*` attributes, which is what the waits
+//! read.
+//!
+//! Chromium and chromedriver come from `scripts/setup.sh --with-browser`.
+//! Without them the test fails and says so; set `SLUICE_SKIP_BROWSER=1` to
+//! skip it deliberately.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::json;
+use sluice_testkit::amqp::{self, amqp_url};
+use sluice_testkit::{fresh_database, random_suffix, unique_prefix, Publisher, Service};
+
+/// How long any one wait on the page may take.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The flags the issue asks for, plus a window large enough for the screenshot.
+const CHROMIUM_ARGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--window-size=1440,1640",
+];
+
+/// `name` on the `PATH`, if there.
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A child process killed (by its own id) when the test ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A directory removed when the test ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts chromedriver on a free port and waits until it accepts connections.
+fn start_chromedriver(chromedriver: &Path) -> (Reaped, String) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port for chromedriver")
+        .port();
+    let child = Command::new(chromedriver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
+    let child = Reaped(child);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let start = Instant::now();
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "chromedriver did not listen on {addr} within {PATIENCE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, format!("http://{addr}"))
+}
+
+/// Evaluates `expression` in the page every 100 ms until it is `true`;
+/// fails after [`PATIENCE`] with `what` and the page's state.
+async fn wait_for(client: &Client, what: &str, expression: &str) {
+    let script = format!("return Boolean({expression});");
+    let start = Instant::now();
+    loop {
+        let value = client
+            .execute(&script, Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("evaluating {expression:?}: {e}"));
+        if value == json!(true) {
+            return;
+        }
+        if start.elapsed() > PATIENCE {
+            panic!(
+                "timed out after {PATIENCE:?} waiting until {what}; page state: {}",
+                page_state(client).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `data-*` attributes of `<body>` and the charts, for failure messages.
+async fn page_state(client: &Client) -> String {
+    client
+        .execute(
+            "const s = Object.assign({}, document.body.dataset);\
+             document.querySelectorAll('.chart-card').forEach(c => \
+               s[c.id] = c.dataset.points + ' points, max ' + c.dataset.max);\
+             s.verdict = document.getElementById('verdict-text').textContent;\
+             return JSON.stringify(s);",
+            Vec::new(),
+        )
+        .await
+        .map_or_else(|e| format!("(unreadable: {e})"), |v| v.to_string())
+}
+
+/// A number from the page.
+async fn number(client: &Client, expression: &str) -> f64 {
+    client
+        .execute(&format!("return Number({expression});"), Vec::new())
+        .await
+        .unwrap_or_else(|e| panic!("evaluating {expression:?}: {e}"))
+        .as_f64()
+        .unwrap_or_else(|| panic!("{expression:?} is not a number"))
+}
+
+/// Where screenshots go: `$CARGO_TARGET_DIR` or the workspace's `target/`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+#[actix_web::test]
+async fn the_dashboard_shows_live_events_and_charts() {
+    if std::env::var("SLUICE_SKIP_BROWSER").is_ok_and(|v| v == "1") {
+        eprintln!("SLUICE_SKIP_BROWSER=1: the browser test is skipped");
+        return;
+    }
+    let (Some(chromium), Some(chromedriver)) = (which("chromium"), which("chromedriver")) else {
+        panic!(
+            "the browser test needs Debian's `chromium` and `chromedriver` on the PATH: \
+             run `scripts/setup.sh --with-browser` (or set SLUICE_SKIP_BROWSER=1 to skip it)"
+        );
+    };
+
+    // Arrange: the service, a browser, the page.
+    let db = fresh_database().await;
+    let prefix = unique_prefix();
+    let url = amqp_url();
+    let service = Service::spawn(
+        Path::new(env!("CARGO_BIN_EXE_sluice")),
+        &[
+            ("DATABASE_URL", db.url()),
+            ("AMQP_PREFIX", prefix.clone()),
+            ("AMQP_URL", url.clone()),
+        ],
+    );
+    service.wait_for_log("consuming", Duration::from_secs(60));
+    let publisher = Publisher::connect(&url)
+        .await
+        .expect("the publisher connects");
+
+    let (_chromedriver, webdriver) = start_chromedriver(&chromedriver);
+    let profile =
+        TempDir(std::env::temp_dir().join(format!("sluice-chromium-{}", random_suffix())));
+    let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|a| (*a).to_owned()).collect();
+    args.push(format!("--user-data-dir={}", profile.0.display()));
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        json!({ "binary": chromium, "args": args }),
+    );
+    let client = ClientBuilder::new(HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(&webdriver)
+        .await
+        .expect("a Chromium session through chromedriver");
+
+    let page = format!("{}/", service.base_url());
+    client.goto(&page).await.expect("the dashboard loads");
+    let title = client.title().await.expect("a title");
+    assert!(title.contains("Sluice"), "title {title:?}");
+    wait_for(
+        &client,
+        "the live socket is open and stats have been read twice",
+        "document.body.dataset.ws === 'open' && Number(document.body.dataset.statsSamples) >= 2",
+    )
+    .await;
+
+    // Act: publish in waves a second apart, so the charts draw a shape.
+    const WAVES: usize = 5;
+    const PER_WAVE: usize = 120;
+    for wave in 0..WAVES {
+        publisher
+            .publish_json_batch(&prefix, PER_WAVE, |i| Some(format!("w{wave}-{i}")))
+            .await
+            .expect("the broker confirms");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    let total = WAVES * PER_WAVE;
+
+    // Assert: the tail, the charts and the figures show them. The live path
+    // may drop events for a browser under a burst; each drop is told to it
+    // (`lagged`), so every event is either seen or counted as missed.
+    wait_for(
+        &client,
+        "every event reached this browser or was reported missed",
+        &format!(
+            "Number(document.body.dataset.eventsSeen) + Number(document.body.dataset.missed) >= {total}"
+        ),
+    )
+    .await;
+    wait_for(
+        &client,
+        "the tail shows events of the last wave",
+        &format!(
+            "Array.from(document.querySelectorAll('#tail-body td.c-id'))\
+               .some(td => td.textContent.startsWith('w{}-'))",
+            WAVES - 1
+        ),
+    )
+    .await;
+    wait_for(
+        &client,
+        "the throughput chart has stored events and the batch and latency charts have points",
+        "Number(document.getElementById('chart-throughput').dataset.max) > 0 && \
+         Number(document.getElementById('chart-batch').dataset.points) > 0 && \
+         Number(document.getElementById('chart-latency').dataset.points) > 0",
+    )
+    .await;
+    wait_for(
+        &client,
+        "the figures say every event is stored",
+        &format!(
+            "document.getElementById('h-stored').textContent.replace(/\\D/g, '') === '{total}'"
+        ),
+    )
+    .await;
+    let rows = number(&client, "document.body.dataset.tailRows").await;
+    assert!(
+        rows > 0.0 && rows <= 200.0,
+        "the tail is bounded: {rows} rows"
+    );
+    let seen = number(&client, "document.body.dataset.eventsSeen").await;
+    let missed = number(&client, "document.body.dataset.missed").await;
+    assert_eq!(seen + missed, total as f64, "seen {seen} + missed {missed}");
+    assert_eq!(
+        number(
+            &client,
+            "Number(document.getElementById('v-missed').textContent.replace(/\\D/g, ''))"
+        )
+        .await,
+        missed,
+        "the missed figure is shown"
+    );
+    // Payloads are text, never markup.
+    assert_eq!(
+        number(
+            &client,
+            "document.querySelectorAll('#tail-body td.payload *').length"
+        )
+        .await,
+        0.0
+    );
+    wait_for(
+        &client,
+        "the broker and database badges say up and the verdict is in",
+        "document.getElementById('badge-broker').dataset.state === 'up' && \
+         document.getElementById('badge-database').dataset.state === 'up' && \
+         document.body.dataset.waitingOn !== 'unknown'",
+    )
+    .await;
+    let state = page_state(&client).await;
+    assert!(!state.contains("jsError"), "a script error: {state}");
+
+    // The screenshot, for a person to look at.
+    let png = client.screenshot().await.expect("a screenshot");
+    let shot = target_dir().join("dashboard.png");
+    std::fs::create_dir_all(target_dir()).expect("the target directory");
+    std::fs::write(&shot, png).expect("the screenshot is written");
+    eprintln!("dashboard screenshot: {}", shot.display());
+
+    // The topic filter: only matching events reach the tail afterwards.
+    let input = client
+        .find(Locator::Id("filter-topic"))
+        .await
+        .expect("the filter box");
+    input.send_keys("test.3").await.expect("typing a filter");
+    client
+        .find(Locator::Css("#filter-form button[type=submit]"))
+        .await
+        .expect("the apply button")
+        .click()
+        .await
+        .expect("applying the filter");
+    wait_for(
+        &client,
+        "the tail is cleared for the new filter",
+        "document.body.dataset.tailRows === '0'",
+    )
+    .await;
+    // The filter message has no acknowledgement: give the service a moment
+    // to apply it before publishing, so no event overtakes it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publisher
+        .publish_json_batch(&prefix, 50, |i| Some(format!("f-{i}")))
+        .await
+        .expect("the broker confirms");
+    wait_for(
+        &client,
+        "the 5 matching events arrive or are reported missed",
+        &format!("Number(document.body.dataset.tailRows) + Number(document.body.dataset.missed) - {missed} >= 5"),
+    )
+    .await;
+    let keys = client
+        .execute(
+            "return Array.from(document.querySelectorAll('#tail-body td.c-key')).map(td => td.textContent);",
+            Vec::new(),
+        )
+        .await
+        .expect("the routing keys");
+    let keys: Vec<&str> = keys
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter_map(|k| k.as_str())
+        .collect();
+    assert!(
+        keys.iter().all(|k| *k == "test.3"),
+        "only test.3 passes the filter: {keys:?}"
+    );
+    assert!(keys.len() <= 5, "50 events, one in ten is test.3: {keys:?}");
+
+    // Clean up.
+    client.close().await.expect("the browser closes");
+    let _ = publisher.close().await;
+    service.sigterm();
+    assert!(
+        service
+            .wait_exit(Duration::from_secs(30))
+            .is_some_and(|s| s.success()),
+        "a clean exit; logs:\n{}",
+        service.logs()
+    );
+    let _ = amqp::delete_topology(&url, &prefix).await;
+}
