@@ -6,8 +6,10 @@
 //! - [`startup`]: builds the pipeline and the HTTP server; runs until shutdown.
 //! - [`routes`]: health checks and metrics; [`ws`]: the WebSocket endpoint.
 //! - [`telemetry`]: logging and the metrics recorder.
+//! - [`load`]: `sluice load`, the load generator (also used by the benchmark).
 
 pub mod config;
+pub mod load;
 pub mod routes;
 pub mod startup;
 pub mod telemetry;

@@ -1,0 +1,67 @@
+//! Scenario 3, latency against offered load: each strategy at fixed rates
+//! (10, 100, 1,000 msgs/s), then a search for the highest rate it sustains.
+
+use crate::rig::{Rig, Strategy};
+use crate::scenarios::{search_max, search_start, step};
+use crate::{say, BatchSizes, Bench};
+
+/// Run it for the three strategies without added database latency.
+pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
+    for strategy in Strategy::ALL {
+        measure_strategy(bench, strategy, true).await?;
+    }
+    Ok(())
+}
+
+/// Fixed rates (when `fixed_rates`) and the search, for one strategy on a
+/// fresh service without added database latency.
+pub async fn measure_strategy(
+    bench: &mut Bench,
+    strategy: Strategy,
+    fixed_rates: bool,
+) -> anyhow::Result<()> {
+    say(format!("latency: {} batching", strategy.name()));
+    let mut rig = Rig::new(&bench.bin, strategy, false, &[]).await?;
+    let outcome = async {
+        rig.start().await?;
+        if fixed_rates {
+            let scale = bench.scale.clone();
+            for &rate in &scale.latency_rates {
+                let (point, _) = step(
+                    &rig,
+                    strategy,
+                    0.0,
+                    rate,
+                    scale.latency_window / 5,
+                    scale.latency_window - scale.latency_window / 5,
+                    "fixed-rate",
+                )
+                .await?;
+                bench.results.points.push(point);
+            }
+        }
+        let (max, batches) =
+            search_max(bench, &rig, strategy, 0.0, search_start(strategy, 0.0)).await?;
+        say(format!(
+            "  {}: highest sustained rate {:.0} msgs/s",
+            strategy.name(),
+            max.rate
+        ));
+        if strategy == Strategy::Adaptive {
+            if let Some(h) = batches {
+                bench.results.batch_sizes.push(BatchSizes {
+                    db_rtt_ms: 0.0,
+                    offered: max.rate,
+                    buckets: h.per_bucket(),
+                    mean: h.mean(),
+                    p50: h.quantile_above(0.5, 1.0),
+                });
+            }
+        }
+        bench.results.max_rates.push(max);
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    rig.finish().await;
+    outcome
+}
