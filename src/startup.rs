@@ -17,6 +17,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_actors::consumer::{BrokerStatus, Consumer, ConsumerSettings, Shutdown, Topology};
 use sluice_actors::event::Limits;
+use sluice_actors::messages::LiveBacklog;
 use sluice_actors::observable::Observable;
 use sluice_actors::queue::{Queue, QueueSettings};
 use sluice_actors::store::PgStore;
@@ -33,6 +34,9 @@ mod embedded {
 
 /// Most deliveries handed to the Tap in one message.
 const CHUNK: usize = 512;
+
+/// Most events copied to the live path and not yet handled by the Observable.
+const LIVE_BACKLOG_EVENTS: usize = 16 * 1024;
 
 /// The running service.
 pub struct Application {
@@ -56,7 +60,9 @@ impl Application {
 
         let live_arbiter = Arbiter::new();
         let observable = Observable::start_in_arbiter(&live_arbiter.handle(), |ctx| {
-            ctx.set_mailbox_capacity(64);
+            // Small chunks are many messages; memory is bounded in events by
+            // the Tap's LiveBacklog instead.
+            ctx.set_mailbox_capacity(1024);
             Observable::new()
         });
         let ws = web::Data::new(WsState::new(config.ws(), observable.clone()));
@@ -82,6 +88,7 @@ impl Application {
                 queue.clone().recipient(),
                 observable.clone().recipient(),
                 observers.clone(),
+                LiveBacklog::new(LIVE_BACKLOG_EVENTS),
             )
         });
 

@@ -519,6 +519,7 @@ mod tests {
         observable
             .send(Publish {
                 missed: 0,
+                permit: None,
                 events: vec![event("a.1"), event("b.1"), event("a.2")].into(),
             })
             .await

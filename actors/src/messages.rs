@@ -4,6 +4,7 @@
 //! receiver's mailbox is full: that is the backpressure) or `try_send` (never
 //! waits: the live path sheds load). None of them is sent with `do_send`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,4 +88,80 @@ pub struct Publish {
     /// the Tap does not match topics, so an observer with a filter may be
     /// told of more misses than it would have received.
     pub missed: u64,
+    /// The events' share of the live path's backlog, given back when this
+    /// message is handled or dropped (`None` outside the Tap, e.g. in tests).
+    pub permit: Option<LivePermit>,
+}
+
+/// Bounds, in events, the copies on their way from the Tap to the
+/// Observable: the Observable's mailbox counts messages, and a message may
+/// hold one event or a whole chunk, so the bound that keeps memory in check is
+/// kept here. Each [`Publish`] holds a permit for its events.
+#[derive(Debug)]
+pub struct LiveBacklog {
+    in_flight: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl LiveBacklog {
+    /// A backlog of at most `limit` events.
+    pub fn new(limit: usize) -> Self {
+        LiveBacklog {
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    /// A permit for `events` more events, unless that would pass the limit.
+    pub fn try_acquire(&self, events: usize) -> Option<LivePermit> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                (now + events <= self.limit).then_some(now + events)
+            })
+            .ok()
+            .map(|_| LivePermit {
+                in_flight: self.in_flight.clone(),
+                events,
+            })
+    }
+
+    /// Events currently holding a permit.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+/// A share of the [`LiveBacklog`]; given back on drop.
+#[derive(Debug)]
+pub struct LivePermit {
+    in_flight: Arc<AtomicUsize>,
+    events: usize,
+}
+
+impl Drop for LivePermit {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(self.events, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_live_backlog_is_bounded_in_events_and_given_back_on_drop() {
+        let backlog = LiveBacklog::new(10);
+        let first = backlog.try_acquire(6).expect("room for 6");
+        assert!(backlog.try_acquire(5).is_none(), "6 + 5 is past the limit");
+        let second = backlog.try_acquire(4).expect("room for 4 more");
+        assert_eq!(backlog.in_flight(), 10);
+        drop(first);
+        assert_eq!(
+            backlog.in_flight(),
+            4,
+            "a handled (dropped) message gives its share back"
+        );
+        drop(second);
+        assert!(backlog.try_acquire(10).is_some());
+    }
 }

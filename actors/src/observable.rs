@@ -352,6 +352,7 @@ pub(crate) mod tests {
     fn publish(events: Vec<Arc<EventData>>) -> Publish {
         Publish {
             missed: 0,
+            permit: None,
             events: events.into(),
         }
     }

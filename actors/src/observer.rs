@@ -71,7 +71,7 @@ pub const OUTGOING_FRAMES: usize = 2;
 
 /// Capacity of an Observer's mailbox, in [`Deliver`] messages. Beyond it the
 /// Observable counts misses instead of queueing.
-pub const MAILBOX_CAPACITY: usize = 16;
+pub const MAILBOX_CAPACITY: usize = 64;
 
 /// The longest close reason, in bytes: a control frame carries at most 125
 /// bytes, two of which are the code.
@@ -909,6 +909,7 @@ mod tests {
                 .observable
                 .send(Publish {
                     missed: 0,
+                    permit: None,
                     events: events.into(),
                 })
                 .await
@@ -937,6 +938,7 @@ mod tests {
         assert!(matches!(next(&mut client).await, Message::Pong(_)));
         let publish = |keys: &[&str]| Publish {
             missed: 0,
+            permit: None,
             events: keys
                 .iter()
                 .enumerate()

@@ -13,7 +13,7 @@ use actix::prelude::*;
 
 use crate::event::EventData;
 use crate::internal_events::live::TapCopyDropped;
-use crate::messages::{Admitted, Ingest, Publish};
+use crate::messages::{Admitted, Ingest, LiveBacklog, Publish};
 
 /// The Tap actor. See the module documentation.
 pub struct Tap {
@@ -23,6 +23,8 @@ pub struct Tap {
     observable: Recipient<Publish>,
     /// Live observers connected right now; with none, no copy is made.
     observers: Arc<AtomicUsize>,
+    /// Bounds the copies not yet handled by the Observable, in events.
+    backlog: LiveBacklog,
     /// Events whose copies were dropped since the last copy that got
     /// through; sent along with the next one so observers are told.
     missed: u64,
@@ -39,15 +41,18 @@ impl std::fmt::Debug for Tap {
 impl Tap {
     /// A Tap forwarding to `queue` and copying to `observable` while
     /// `observers` is non-zero.
+    /// `backlog` bounds, in events, the copies sent but not yet handled.
     pub fn new(
         queue: Recipient<Ingest>,
         observable: Recipient<Publish>,
         observers: Arc<AtomicUsize>,
+        backlog: LiveBacklog,
     ) -> Self {
         Tap {
             queue,
             observable,
             observers,
+            backlog,
             missed: 0,
         }
     }
@@ -65,16 +70,20 @@ impl Handler<Ingest> for Tap {
         if self.observers.load(Ordering::Relaxed) > 0 {
             let copy: Arc<[Arc<EventData>]> = msg.events.iter().map(|e| e.data.clone()).collect();
             let events = copy.len();
-            let publish = Publish {
-                events: copy,
-                missed: self.missed,
-            };
-            match self.observable.try_send(publish) {
-                Ok(()) => self.missed = 0,
-                Err(_) => {
-                    self.missed += events as u64;
-                    TapCopyDropped { events }.emit();
-                }
+            let sent = self.backlog.try_acquire(events).is_some_and(|permit| {
+                let publish = Publish {
+                    events: copy,
+                    missed: self.missed,
+                    permit: Some(permit),
+                };
+                // On failure the message, and so its permit, is dropped here.
+                self.observable.try_send(publish).is_ok()
+            });
+            if sent {
+                self.missed = 0;
+            } else {
+                self.missed += events as u64;
+                TapCopyDropped { events }.emit();
             }
         }
         let queue = self.queue.clone();
@@ -158,6 +167,7 @@ mod tests {
             queue.recipient(),
             stuck.recipient(),
             Arc::new(AtomicUsize::new(1)),
+            LiveBacklog::new(1000),
         )
         .start();
         for tag in 0..100 {
