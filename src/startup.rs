@@ -17,7 +17,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_actors::consumer::{BrokerStatus, Consumer, ConsumerSettings, Shutdown, Topology};
 use sluice_actors::event::Limits;
-use sluice_actors::messages::LiveBacklog;
+use sluice_actors::messages::{DroppedCopies, LiveBacklog};
 use sluice_actors::observable::Observable;
 use sluice_actors::queue::{Queue, QueueSettings};
 use sluice_actors::store::PgStore;
@@ -59,11 +59,13 @@ impl Application {
         migrate(&pool).await?;
 
         let live_arbiter = Arbiter::new();
+        let dropped_copies = DroppedCopies::default();
+        let upstream_drops = dropped_copies.clone();
         let observable = Observable::start_in_arbiter(&live_arbiter.handle(), |ctx| {
             // Small chunks are many messages; memory is bounded in events by
             // the Tap's LiveBacklog instead.
             ctx.set_mailbox_capacity(1024);
-            Observable::new()
+            Observable::with_upstream(upstream_drops)
         });
         let ws = web::Data::new(WsState::new(config.ws(), observable.clone()));
         let observers = ws.connected.clone();
@@ -89,6 +91,7 @@ impl Application {
                 observable.clone().recipient(),
                 observers.clone(),
                 LiveBacklog::new(LIVE_BACKLOG_EVENTS),
+                dropped_copies,
             )
         });
 

@@ -518,7 +518,6 @@ mod tests {
         };
         observable
             .send(Publish {
-                missed: 0,
                 permit: None,
                 events: vec![event("a.1"), event("b.1"), event("a.2")].into(),
             })

@@ -4,7 +4,7 @@
 //! receiver's mailbox is full: that is the backpressure) or `try_send` (never
 //! waits: the live path sheds load). None of them is sent with `do_send`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,21 +83,17 @@ pub struct Settle {
 pub struct Publish {
     /// The events, shared with the datastore path (no payload is copied).
     pub events: Arc<[Arc<EventData>]>,
-    /// Events whose copies the Tap dropped since its last successful copy
-    /// (the Observable's mailbox was full). Every observer is told of them:
-    /// the Tap does not match topics, so an observer with a filter may be
-    /// told of more misses than it would have received.
-    pub missed: u64,
     /// The events' share of the live path's backlog, given back when this
     /// message is handled or dropped (`None` outside the Tap, e.g. in tests).
     pub permit: Option<LivePermit>,
 }
 
-/// Bounds, in events, the copies on their way from the Tap to the
-/// Observable: the Observable's mailbox counts messages, and a message may
-/// hold one event or a whole chunk, so the bound that keeps memory in check is
-/// kept here. Each [`Publish`] holds a permit for its events.
-#[derive(Debug)]
+/// Bounds, in events, the messages on their way to a live-path actor (Tap →
+/// Observable, Observable → each Observer): a mailbox counts messages, and a
+/// message may hold one event or a whole chunk, so the bound that keeps
+/// memory in check, and that does not drop a burst of small chunks, is kept
+/// here. Each message holds a permit for its events; clones share the count.
+#[derive(Debug, Clone)]
 pub struct LiveBacklog {
     in_flight: Arc<AtomicUsize>,
     limit: usize,
@@ -113,10 +109,13 @@ impl LiveBacklog {
     }
 
     /// A permit for `events` more events, unless that would pass the limit.
+    /// When nothing is in flight any message is admitted, however large, so a
+    /// chunk bigger than the limit is not refused for ever: the bound is then
+    /// `limit` plus one message.
     pub fn try_acquire(&self, events: usize) -> Option<LivePermit> {
         self.in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
-                (now + events <= self.limit).then_some(now + events)
+                (now == 0 || now + events <= self.limit).then_some(now + events)
             })
             .ok()
             .map(|_| LivePermit {
@@ -128,6 +127,25 @@ impl LiveBacklog {
     /// Events currently holding a permit.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+/// Events whose copies the Tap could not hand to the Observable, not yet
+/// told to observers. The Tap adds; the Observable takes them and tells every
+/// observer (the Tap does not match topics, so an observer with a filter may
+/// be told of more misses than it would have received).
+#[derive(Debug, Clone, Default)]
+pub struct DroppedCopies(Arc<AtomicU64>);
+
+impl DroppedCopies {
+    /// Records `events` more dropped copies.
+    pub fn add(&self, events: u64) {
+        self.0.fetch_add(events, Ordering::AcqRel);
+    }
+
+    /// Takes the count not yet told, leaving zero.
+    pub fn take(&self) -> u64 {
+        self.0.swap(0, Ordering::AcqRel)
     }
 }
 
@@ -162,6 +180,10 @@ mod tests {
             "a handled (dropped) message gives its share back"
         );
         drop(second);
-        assert!(backlog.try_acquire(10).is_some());
+        let whole = backlog
+            .try_acquire(25)
+            .expect("an empty backlog takes any message");
+        assert!(backlog.try_acquire(1).is_none(), "and then nothing more");
+        drop(whole);
     }
 }

@@ -14,13 +14,13 @@ use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 
 use crate::event::EventData;
 use crate::internal_events::live::{DropStage, LiveEventsDropped, ObserverLagging};
-use crate::messages::Publish;
+use crate::messages::{DroppedCopies, LiveBacklog, LivePermit, Publish};
 use crate::topic::TopicPattern;
 
 /// Identifies one observer (one WebSocket session) for the life of the process.
@@ -138,6 +138,9 @@ pub struct Subscribe {
     pub addr: Recipient<Deliver>,
     /// The topic filter; `None` means every event.
     pub pattern: Option<TopicPattern>,
+    /// Bounds, in events, the deliveries sitting in the observer's mailbox
+    /// (its mailbox counts messages, which may hold one event or hundreds).
+    pub backlog: LiveBacklog,
 }
 
 /// Observer → Observable: forget me. Sent when the observer stops.
@@ -158,6 +161,8 @@ pub struct Deliver {
     /// Events this observer missed since its last successful delivery because
     /// its mailbox was full. They came before `events`.
     pub missed: u64,
+    /// The events' share of the observer's backlog, given back when handled.
+    pub permit: Option<LivePermit>,
 }
 
 /// What the Observable knows about one observer.
@@ -167,23 +172,65 @@ struct Registration {
     addr: Recipient<Deliver>,
     /// Its filter; `None` means every event.
     pattern: Option<Arc<TopicPattern>>,
+    /// Events delivered and not yet handled by the observer.
+    backlog: LiveBacklog,
     /// Events missed since the last delivery that got through.
     missed: u64,
     /// Whether the first miss was logged already (logged once per observer).
     lag_reported: bool,
 }
 
+/// How often misses not yet told (because nothing got through since) are
+/// sent on their own, so a client learns of them even when the stream goes
+/// quiet. A live-path timer: the datastore path has none.
+pub const LAGGED_INTERVAL: Duration = Duration::from_millis(250);
+
 /// The registry of observers and the fan-out to them. See the module docs.
 #[derive(Debug, Default)]
 pub struct Observable {
     /// Every subscribed observer, by id.
     observers: HashMap<ObserverId, Registration>,
+    /// Copies the Tap could not hand over; told to every observer.
+    upstream: DroppedCopies,
 }
 
 impl Observable {
     /// An Observable with no observers.
     pub fn new() -> Observable {
         Observable::default()
+    }
+
+    /// An Observable that tells its observers of the copies the Tap dropped.
+    pub fn with_upstream(upstream: DroppedCopies) -> Observable {
+        Observable {
+            upstream,
+            ..Observable::default()
+        }
+    }
+
+    /// Sends each observer the misses it was not told of yet, alone.
+    fn report_misses(&mut self) {
+        let upstream = self.upstream.take();
+        let mut closed = Vec::new();
+        for (id, registration) in &mut self.observers {
+            registration.missed += upstream;
+            if registration.missed == 0 {
+                continue;
+            }
+            let notice = Deliver {
+                events: Arc::new([]),
+                missed: registration.missed,
+                permit: None,
+            };
+            match registration.addr.try_send(notice) {
+                Ok(()) => registration.missed = 0,
+                Err(SendError::Full(_)) => {}
+                Err(SendError::Closed(_)) => closed.push(*id),
+            }
+        }
+        for id in closed {
+            self.observers.remove(&id);
+        }
     }
 
     /// Starts an Observable whose mailbox holds at most `mailbox` messages,
@@ -208,6 +255,10 @@ impl Observable {
 
 impl Actor for Observable {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(LAGGED_INTERVAL, |act, _| act.report_misses());
+    }
 }
 
 impl Handler<Subscribe> for Observable {
@@ -223,11 +274,13 @@ impl Handler<Subscribe> for Observable {
                 let registration = entry.get_mut();
                 registration.addr = msg.addr;
                 registration.pattern = pattern;
+                registration.backlog = msg.backlog;
             }
             MapEntry::Vacant(entry) => {
                 entry.insert(Registration {
                     addr: msg.addr,
                     pattern,
+                    backlog: msg.backlog,
                     missed: 0,
                     lag_reported: false,
                 });
@@ -248,7 +301,8 @@ impl Handler<Publish> for Observable {
     type Result = ();
 
     fn handle(&mut self, msg: Publish, _ctx: &mut Self::Context) {
-        if self.observers.is_empty() || (msg.events.is_empty() && msg.missed == 0) {
+        let upstream = self.upstream.take();
+        if self.observers.is_empty() || msg.events.is_empty() {
             return;
         }
         let all: Arc<[Arc<LiveEvent>]> = msg
@@ -261,7 +315,7 @@ impl Handler<Publish> for Observable {
         let mut closed = Vec::new();
         let mut missed_now = 0u64;
         for (id, registration) in &mut self.observers {
-            registration.missed += msg.missed;
+            registration.missed += upstream;
             let events = match &registration.pattern {
                 None => all.clone(),
                 Some(pattern) => selections
@@ -279,14 +333,23 @@ impl Handler<Publish> for Observable {
             if events.is_empty() {
                 continue;
             }
-            let deliver = Deliver {
-                events,
-                missed: registration.missed,
+            let n = events.len() as u64;
+            // No permit: its mailbox already holds a buffer's worth of events.
+            let sent = match registration.backlog.try_acquire(events.len()) {
+                Some(permit) => registration.addr.try_send(Deliver {
+                    events,
+                    missed: registration.missed,
+                    permit: Some(permit),
+                }),
+                None => Err(SendError::Full(Deliver {
+                    events,
+                    missed: 0,
+                    permit: None,
+                })),
             };
-            match registration.addr.try_send(deliver) {
+            match sent {
                 Ok(()) => registration.missed = 0,
-                Err(SendError::Full(deliver)) => {
-                    let n = deliver.events.len() as u64;
+                Err(SendError::Full(_)) => {
                     registration.missed += n;
                     missed_now += n;
                     if !registration.lag_reported {
@@ -351,7 +414,6 @@ pub(crate) mod tests {
 
     fn publish(events: Vec<Arc<EventData>>) -> Publish {
         Publish {
-            missed: 0,
             permit: None,
             events: events.into(),
         }
@@ -446,6 +508,7 @@ pub(crate) mod tests {
         ] {
             observable
                 .send(Subscribe {
+                    backlog: LiveBacklog::new(1_000_000),
                     id: ObserverId(id),
                     addr,
                     pattern: pattern.map(|p| TopicPattern::parse(p).expect("valid")),
@@ -495,6 +558,7 @@ pub(crate) mod tests {
         for (id, addr) in [(1, a.recipient()), (2, b.recipient())] {
             observable
                 .send(Subscribe {
+                    backlog: LiveBacklog::new(1_000_000),
                     id: ObserverId(id),
                     addr,
                     pattern: Some(TopicPattern::any()),
@@ -520,6 +584,7 @@ pub(crate) mod tests {
         for (id, addr) in [(1, slow.recipient()), (2, fast.recipient())] {
             observable
                 .send(Subscribe {
+                    backlog: LiveBacklog::new(1_000_000),
                     id: ObserverId(id),
                     addr,
                     pattern: None,
@@ -571,6 +636,7 @@ pub(crate) mod tests {
         for (id, addr) in [(1, dead.recipient()), (2, live.recipient())] {
             observable
                 .send(Subscribe {
+                    backlog: LiveBacklog::new(1_000_000),
                     id: ObserverId(id),
                     addr,
                     pattern: None,
@@ -590,5 +656,72 @@ pub(crate) mod tests {
             .await
             .expect("alive");
         assert_eq!(observable.send(CountObservers).await.expect("alive"), 0);
+    }
+
+    async fn subscribe(observable: &Addr<Observable>, addr: Recipient<Deliver>, backlog: usize) {
+        observable
+            .send(Subscribe {
+                id: ObserverId(1),
+                addr,
+                pattern: None,
+                backlog: LiveBacklog::new(backlog),
+            })
+            .await
+            .expect("observable alive");
+    }
+
+    #[actix::test]
+    async fn a_burst_of_small_chunks_is_bounded_in_events_not_messages() {
+        // 200 one-event chunks to an observer that is busy: its mailbox could
+        // hold them all, but its backlog admits 50 events.
+        let observable = Observable::start_bounded(1024);
+        let (gate_tx, gate) = oneshot::channel();
+        let (addr, mut rx) = probe(1000, Some(gate));
+        subscribe(&observable, addr.recipient(), 50).await;
+        for n in 0..200 {
+            observable
+                .send(publish(vec![event("a", n)]))
+                .await
+                .expect("observable alive");
+        }
+        let _ = gate_tx.send(());
+        let mut received = 0;
+        while received < 50 {
+            let deliver = rx.recv().await.expect("delivery");
+            assert_eq!(deliver.missed, 0, "the first 50 got through");
+            received += deliver.events.len();
+        }
+        // The rest is reported, at the next delivery or by the timer.
+        observable
+            .send(publish(vec![event("a", 200)]))
+            .await
+            .expect("observable alive");
+        let next = rx.recv().await.expect("delivery");
+        assert_eq!((next.missed, next.events.len()), (150, 1));
+    }
+
+    #[actix::test]
+    async fn misses_are_told_even_when_the_stream_goes_quiet() {
+        tokio::time::pause();
+        let upstream = DroppedCopies::default();
+        let observable = Observable::create({
+            let upstream = upstream.clone();
+            move |_| Observable::with_upstream(upstream)
+        });
+        let (addr, mut rx) = probe(16, None);
+        subscribe(&observable, addr.recipient(), 100).await;
+        // The Tap dropped 7 copies, and then nothing more arrives.
+        upstream.add(7);
+        tokio::time::advance(LAGGED_INTERVAL).await;
+        let notice = rx.recv().await.expect("a lagged notice");
+        assert_eq!((notice.missed, notice.events.len()), (7, 0));
+        // Told once.
+        tokio::time::advance(LAGGED_INTERVAL * 4).await;
+        observable
+            .send(publish(vec![event("a", 1)]))
+            .await
+            .expect("observable alive");
+        let next = rx.recv().await.expect("delivery");
+        assert_eq!((next.missed, next.events.len()), (0, 1));
     }
 }

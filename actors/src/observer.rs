@@ -54,6 +54,7 @@ use tokio::time::Instant;
 use crate::internal_events::live::{
     DropStage, LiveEventsDropped, ObserverConnected, ObserverDisconnected, ObserverLagging,
 };
+use crate::messages::LiveBacklog;
 use crate::observable::{Deliver, LiveEvent, Observable, ObserverId, Subscribe, Unsubscribe};
 use crate::topic::TopicPattern;
 
@@ -69,9 +70,14 @@ pub const CLOSE_TIMEOUT: u16 = 4001;
 /// the overload policy applies, not in the channel.
 pub const OUTGOING_FRAMES: usize = 2;
 
-/// Capacity of an Observer's mailbox, in [`Deliver`] messages. Beyond it the
-/// Observable counts misses instead of queueing.
-pub const MAILBOX_CAPACITY: usize = 64;
+/// Events that may wait in an Observer's mailbox (bounded by a
+/// [`LiveBacklog`]): its buffer size, but at least this many, so that a worker
+/// thread busy for a moment does not cost a fast client events.
+pub const MIN_MAILBOX_EVENTS: usize = 4096;
+
+/// Room in an Observer's mailbox beyond its events, in messages: for
+/// `lagged` notices, which hold no events.
+pub const MAILBOX_SPARE: usize = 16;
 
 /// The longest close reason, in bytes: a control frame carries at most 125
 /// bytes, two of which are the code.
@@ -297,6 +303,8 @@ pub struct Observer {
     observable: Addr<Observable>,
     /// The current topic filter; `None` means every event.
     pattern: Option<TopicPattern>,
+    /// Bounds, in events, the deliveries waiting in this Observer's mailbox.
+    backlog: LiveBacklog,
     /// Frames for the socket. Its fullness is the client's backpressure.
     outgoing: mpsc::Sender<Message>,
     /// The slot reserved for the close frame, taken when the Observer is
@@ -325,6 +333,11 @@ pub struct Observer {
     slot: Option<SessionSlot>,
 }
 
+/// See [`MIN_MAILBOX_EVENTS`].
+fn mailbox_events(settings: &ObserverSettings) -> usize {
+    settings.buffer.max(MIN_MAILBOX_EVENTS)
+}
+
 impl Observer {
     /// An Observer for one client, writing to `outgoing` (see
     /// [`outgoing_channel`]) and subscribing to `observable` with `pattern`.
@@ -339,6 +352,7 @@ impl Observer {
         Observer {
             id: ObserverId::next(),
             pending: Pending::new(settings.buffer),
+            backlog: LiveBacklog::new(mailbox_events(&settings)),
             settings,
             observable,
             pattern,
@@ -367,14 +381,14 @@ impl Observer {
         self.id
     }
 
-    /// Starts the Observer with a bounded mailbox ([`MAILBOX_CAPACITY`]),
+    /// Starts the Observer with a bounded mailbox (see [`MAILBOX_SPARE`]),
     /// reading the client's decoded frames from `incoming`.
     pub fn start_with<S>(self, incoming: S) -> Addr<Observer>
     where
         S: Stream<Item = Result<Frame, ProtocolError>> + 'static,
     {
         Observer::create(move |ctx| {
-            ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+            ctx.set_mailbox_capacity(mailbox_events(&self.settings) + MAILBOX_SPARE);
             ctx.add_stream(incoming);
             self
         })
@@ -393,6 +407,7 @@ impl Observer {
             id: self.id,
             addr: ctx.address().recipient(),
             pattern: self.pattern.clone(),
+            backlog: self.backlog.clone(),
         });
         ctx.spawn(
             fut::wrap_future(request).map(|result, act: &mut Observer, ctx| {
@@ -772,6 +787,7 @@ mod tests {
         client
             .addr
             .send(Deliver {
+                permit: None,
                 events: live(numbers),
                 missed,
             })
@@ -908,7 +924,6 @@ mod tests {
             client
                 .observable
                 .send(Publish {
-                    missed: 0,
                     permit: None,
                     events: events.into(),
                 })
@@ -937,7 +952,6 @@ mod tests {
             .expect("open");
         assert!(matches!(next(&mut client).await, Message::Pong(_)));
         let publish = |keys: &[&str]| Publish {
-            missed: 0,
             permit: None,
             events: keys
                 .iter()

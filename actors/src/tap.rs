@@ -13,7 +13,7 @@ use actix::prelude::*;
 
 use crate::event::EventData;
 use crate::internal_events::live::TapCopyDropped;
-use crate::messages::{Admitted, Ingest, LiveBacklog, Publish};
+use crate::messages::{Admitted, DroppedCopies, Ingest, LiveBacklog, Publish};
 
 /// The Tap actor. See the module documentation.
 pub struct Tap {
@@ -25,9 +25,8 @@ pub struct Tap {
     observers: Arc<AtomicUsize>,
     /// Bounds the copies not yet handled by the Observable, in events.
     backlog: LiveBacklog,
-    /// Events whose copies were dropped since the last copy that got
-    /// through; sent along with the next one so observers are told.
-    missed: u64,
+    /// Where dropped copies are counted, for the Observable to tell observers.
+    dropped: DroppedCopies,
 }
 
 impl std::fmt::Debug for Tap {
@@ -41,19 +40,21 @@ impl std::fmt::Debug for Tap {
 impl Tap {
     /// A Tap forwarding to `queue` and copying to `observable` while
     /// `observers` is non-zero.
-    /// `backlog` bounds, in events, the copies sent but not yet handled.
+    /// `backlog` bounds, in events, the copies sent but not yet handled;
+    /// `dropped` counts the copies that could not be sent.
     pub fn new(
         queue: Recipient<Ingest>,
         observable: Recipient<Publish>,
         observers: Arc<AtomicUsize>,
         backlog: LiveBacklog,
+        dropped: DroppedCopies,
     ) -> Self {
         Tap {
             queue,
             observable,
             observers,
             backlog,
-            missed: 0,
+            dropped,
         }
     }
 }
@@ -73,16 +74,13 @@ impl Handler<Ingest> for Tap {
             let sent = self.backlog.try_acquire(events).is_some_and(|permit| {
                 let publish = Publish {
                     events: copy,
-                    missed: self.missed,
                     permit: Some(permit),
                 };
                 // On failure the message, and so its permit, is dropped here.
                 self.observable.try_send(publish).is_ok()
             });
-            if sent {
-                self.missed = 0;
-            } else {
-                self.missed += events as u64;
+            if !sent {
+                self.dropped.add(events as u64);
                 TapCopyDropped { events }.emit();
             }
         }
@@ -168,6 +166,7 @@ mod tests {
             stuck.recipient(),
             Arc::new(AtomicUsize::new(1)),
             LiveBacklog::new(1000),
+            DroppedCopies::default(),
         )
         .start();
         for tag in 0..100 {
