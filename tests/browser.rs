@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
-use sluice_testkit::amqp::{self, amqp_url};
-use sluice_testkit::{fresh_database, random_suffix, unique_prefix, Publisher, Service};
+use sluice_testkit::amqp::amqp_url;
+use sluice_testkit::{
+    fresh_database, random_suffix, unique_prefix, Publisher, Service, TopologyGuard,
+};
 
 /// How long any one wait on the page may take.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -163,6 +165,8 @@ async fn the_dashboard_shows_live_events_and_charts() {
     let db = fresh_database().await;
     let prefix = unique_prefix();
     let url = amqp_url();
+    // Deletes the broker objects after the service is gone, even on panic.
+    let _topology = TopologyGuard::new(&url, &prefix);
     let service = Service::spawn(
         Path::new(env!("CARGO_BIN_EXE_sluice")),
         &[
@@ -358,5 +362,4 @@ async fn the_dashboard_shows_live_events_and_charts() {
         "a clean exit; logs:\n{}",
         service.logs()
     );
-    let _ = amqp::delete_topology(&url, &prefix).await;
 }

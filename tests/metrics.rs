@@ -10,7 +10,9 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use prometheus_parse::{Scrape, Value};
 use sluice_testkit::amqp::{self, amqp_url};
-use sluice_testkit::{eventually, fresh_database, unique_prefix, Publisher, Service};
+use sluice_testkit::{
+    eventually, fresh_database, unique_prefix, Publisher, Service, TopologyGuard,
+};
 
 /// How long the test waits for the pipeline to catch up.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -121,6 +123,8 @@ async fn metrics_count_what_happened_and_the_stats_agree() {
     let db = fresh_database().await;
     let prefix = unique_prefix();
     let url = amqp_url();
+    // Deletes the broker objects after the service is gone, even on panic.
+    let _topology = TopologyGuard::new(&url, &prefix);
     let service = Service::spawn(
         Path::new(env!("CARGO_BIN_EXE_sluice")),
         &[
@@ -252,5 +256,4 @@ async fn metrics_count_what_happened_and_the_stats_agree() {
         "a clean exit; logs:\n{}",
         service.logs()
     );
-    let _ = amqp::delete_topology(&url, &prefix).await;
 }

@@ -433,3 +433,44 @@ mod tests {
         delete_topology(&url, &prefix).await.expect("delete again");
     }
 }
+
+/// Deletes a test's broker objects (see [`delete_topology`]) when dropped,
+/// also when the test panics, so that failed runs do not leave queues and
+/// their messages behind on a broker that every run shares. Drop it after the
+/// service is stopped: a running service would declare the topology again.
+#[derive(Debug)]
+pub struct TopologyGuard {
+    url: String,
+    prefix: String,
+}
+
+impl TopologyGuard {
+    /// Guards the topology named by `prefix` on the broker at `url`.
+    pub fn new(url: &str, prefix: &str) -> TopologyGuard {
+        TopologyGuard {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+        }
+    }
+}
+
+impl Drop for TopologyGuard {
+    fn drop(&mut self) {
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        // A thread with a runtime of its own: works inside or outside an async test.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(runtime) => {
+                    if let Err(e) = runtime.block_on(delete_topology(&url, &prefix)) {
+                        eprintln!("testkit: could not delete the topology {prefix}: {e:#}");
+                    }
+                }
+                Err(e) => eprintln!("testkit: no runtime to delete the topology {prefix}: {e}"),
+            }
+        });
+        let _ = cleanup.join();
+    }
+}

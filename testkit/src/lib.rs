@@ -19,7 +19,7 @@ pub mod db;
 pub mod proxy;
 pub mod service;
 
-pub use amqp::{unique_prefix, Publisher};
+pub use amqp::{unique_prefix, Publisher, TopologyGuard};
 pub use db::{fresh_database, TestDb};
 pub use proxy::{Mode, Proxy};
 pub use service::{eventually, wait_until, Service};

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use sluice_testkit::amqp::{self, GotMessage};
-use sluice_testkit::{eventually, fresh_database, unique_prefix, Publisher, Service, TestDb};
+use sluice_testkit::{
+    eventually, fresh_database, unique_prefix, Publisher, Service, TestDb, TopologyGuard,
+};
 
 /// How long a test waits for the pipeline to catch up before failing.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -19,6 +21,9 @@ pub struct TestApp {
     pub amqp_url: String,
     pub service: Service,
     pub publisher: Publisher,
+    /// Deletes the broker objects last, once the service is gone, even if
+    /// the test panicked.
+    _topology: TopologyGuard,
 }
 
 /// Starts the service with default settings on a fresh database and prefix.
@@ -30,6 +35,7 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(db: TestDb, extra: &[(&str, String)]) -> TestApp {
     let prefix = unique_prefix();
     let amqp_url = amqp::amqp_url();
+    let topology = TopologyGuard::new(&amqp_url, &prefix);
     let mut env = vec![
         ("DATABASE_URL", db.url()),
         ("AMQP_PREFIX", prefix.clone()),
@@ -46,6 +52,7 @@ pub async fn spawn_app_with(db: TestDb, extra: &[(&str, String)]) -> TestApp {
         amqp_url,
         service,
         publisher,
+        _topology: topology,
     }
 }
 

@@ -14,7 +14,9 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use sluice_testkit::amqp::{self, amqp_url};
-use sluice_testkit::{eventually, fresh_database, unique_prefix, Publisher, Service, TestDb};
+use sluice_testkit::{
+    eventually, fresh_database, unique_prefix, Publisher, Service, TestDb, TopologyGuard,
+};
 use tokio::time::Instant;
 
 /// How long a test waits for the pipeline to catch up before failing.
@@ -40,6 +42,9 @@ pub struct TestApp {
     pub amqp_url: String,
     pub service: Service,
     pub publisher: Publisher,
+    /// Deletes the broker objects last, once the service is gone, even if
+    /// the test panicked.
+    _topology: TopologyGuard,
 }
 
 /// Starts the service with `extra` settings on a fresh database and prefix,
@@ -48,6 +53,7 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
     let db = fresh_database().await;
     let prefix = unique_prefix();
     let amqp_url = amqp_url();
+    let topology = TopologyGuard::new(&amqp_url, &prefix);
     let mut env = vec![
         ("DATABASE_URL", db.url()),
         ("AMQP_PREFIX", prefix.clone()),
@@ -65,6 +71,7 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
         amqp_url,
         service,
         publisher,
+        _topology: topology,
     }
 }
 
