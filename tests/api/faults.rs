@@ -74,16 +74,26 @@ async fn database_cut_mid_stream_resumes_by_itself_and_loses_nothing() {
     app.publish("cut", 2000).await;
     wait_some_rows(&app, 100).await;
 
+    let ready = app.readyz().await;
+    assert_eq!(ready.0, 200, "ready while both servers answer: {}", ready.1);
+
     proxy.set_mode(Mode::Refuse);
     proxy.cut();
     app.service.wait_for_log("database unavailable", PATIENCE);
     let during = app.rows().await;
     assert!(during < 2000, "the cut happened mid-stream ({during} rows)");
+    let (status, body) = app.readyz().await;
+    assert_eq!(status, 503, "not ready while the database is down: {body}");
+    assert!(
+        body.contains(r#""database":"down""#) && body.contains(r#""broker":"up""#),
+        "{body}"
+    );
     // While the database is down nothing is acked, so nothing can be lost:
     // the broker holds the unsettled deliveries (the prefetch window is full).
     proxy.set_mode(Mode::Pass);
     app.wait_rows(2000).await;
     app.service.wait_for_log("database is back", PATIENCE);
+    assert_eq!(app.readyz().await.0, 200, "ready again");
     assert_eq!(app.terminate(), Some(0));
     assert_eq!(app.ingest_ready().await, 0);
     assert_eq!(app.dead_ready().await, 0);
@@ -168,4 +178,29 @@ async fn broker_connection_lost_mid_stream_reconnects_and_loses_nothing() {
     );
     assert_eq!(app.dead_ready().await, 0);
     app.cleanup().await;
+}
+
+#[actix_web::test]
+async fn a_long_outage_gives_the_channel_up_so_the_broker_requeues_cleanly() {
+    let db = fresh_database().await;
+    let proxy = Proxy::start(db.server_addr()).expect("proxy starts");
+    let mut env = slow();
+    env.push(("DATABASE_URL", db.url_via(proxy.addr())));
+    // Far below RabbitMQ's 30-minute consumer timeout, to keep the test short.
+    env.push(("AMQP_STALL_TIMEOUT", "2s".into()));
+    let app = spawn_app_with(db, &env).await;
+
+    proxy.set_mode(Mode::Refuse);
+    proxy.cut();
+    app.publish("stall", 500).await;
+    app.service.wait_for_log("giving the channel up", PATIENCE);
+    app.service.wait_for_log("channel generation 2", PATIENCE);
+    proxy.set_mode(Mode::Pass);
+    // The deliveries held by the old channel were requeued and redelivered on
+    // the new one; the writers' batches of the old generation are written
+    // too, idempotently.
+    app.wait_rows(500).await;
+    assert_eq!(app.terminate(), Some(0), "logs:\n{}", app.service.logs());
+    assert_eq!(app.ingest_ready().await, 0);
+    assert_eq!(app.dead_ready().await, 0);
 }

@@ -151,6 +151,21 @@ impl TestApp {
         metric_value(&text, name, labels)
     }
 
+    /// `GET /readyz`: the status code and the body.
+    pub async fn readyz(&self) -> (u16, String) {
+        let url = format!("{}/readyz", self.service.base_url());
+        let mut response = awc::Client::default()
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let body = response.body().await.expect("body");
+        (
+            response.status().as_u16(),
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
     /// Deletes the broker objects of this test.
     pub async fn cleanup(self) {
         let _ = self.publisher.close().await;
