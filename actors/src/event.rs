@@ -6,6 +6,7 @@
 //! never reaches the Queue. The body is kept as the original JSON text: it is
 //! neither parsed into a tree nor re-serialised on the way to PostgreSQL.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -276,7 +277,8 @@ pub fn derive_message_id(routing_key: &str, timestamp: &Option<u64>, body: &[u8]
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
     for byte in digest {
-        out.push_str(&format!("{byte:02x}"));
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{byte:02x}");
     }
     out
 }
@@ -320,5 +322,84 @@ fn amqp_value_to_json(value: &AMQPValue) -> serde_json::Value {
             Value::String(String::from_utf8_lossy(bytes.as_slice()).into_owned())
         }
         AMQPValue::Void => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_body_bytes: 64 };
+
+    fn check(body: &[u8], properties: BasicProperties) -> Result<EventData, Box<Refused>> {
+        EventData::from_delivery(
+            "a.b".into(),
+            body.to_vec(),
+            properties,
+            LIMITS,
+            SystemTime::now(),
+        )
+    }
+
+    fn reason(body: &[u8]) -> DeadReason {
+        check(body, BasicProperties::default())
+            .expect_err("refused")
+            .reason
+    }
+
+    #[test]
+    fn bad_bodies_are_refused_with_their_reason_and_kept_byte_for_byte() {
+        assert_eq!(reason(b""), DeadReason::Empty);
+        assert_eq!(reason(&[b'"', 0xff, b'"']), DeadReason::NotUtf8);
+        assert_eq!(reason(b"{\"a\":"), DeadReason::NotJson);
+        assert_eq!(reason(&[b' '; 65]), DeadReason::TooLarge);
+        let refused = check(&[b'"', 0xff, b'"'], BasicProperties::default()).expect_err("refused");
+        assert_eq!(refused.body, vec![b'"', 0xff, b'"']);
+    }
+
+    #[test]
+    fn a_good_body_is_kept_as_published_with_its_metadata() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "timestamp_in_ms".into(),
+            AMQPValue::LongLongInt(1_700_000_000_123),
+        );
+        headers.insert("who".into(), AMQPValue::LongString("me".into()));
+        let properties = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_timestamp(1_600_000_000)
+            .with_headers(headers);
+        let data = check(br#"{ "spaced" : true }"#, properties).expect("accepted");
+        assert_eq!(data.payload, r#"{ "spaced" : true }"#, "not re-serialised");
+        assert_eq!(data.message_id, "m-1");
+        let headers: serde_json::Value = serde_json::from_str(&data.headers).expect("JSON");
+        assert_eq!(headers["who"], "me");
+        assert_eq!(
+            data.published_at,
+            Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),
+            "timestamp_in_ms wins over the seconds of the AMQP timestamp"
+        );
+    }
+
+    #[test]
+    fn a_missing_message_id_is_derived_the_same_way_on_redelivery() {
+        let properties = || BasicProperties::default().with_timestamp(1_600_000_000);
+        let first = check(b"{}", properties()).expect("accepted");
+        let again = check(b"{}", properties()).expect("accepted");
+        let other = check(b"[]", properties()).expect("accepted");
+        assert!(first.message_id.starts_with("sha256:") && first.message_id.len() == 7 + 64);
+        assert_eq!(first.message_id, again.message_id);
+        assert_ne!(first.message_id, other.message_id);
+        assert_eq!(
+            first.published_at,
+            Some(UNIX_EPOCH + Duration::from_secs(1_600_000_000))
+        );
+    }
+
+    #[test]
+    fn an_absurd_timestamp_does_not_crash() {
+        let properties = BasicProperties::default().with_timestamp(u64::MAX);
+        let data = check(b"{}", properties).expect("accepted");
+        assert_eq!(data.published_at, None);
     }
 }
