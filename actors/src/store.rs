@@ -34,10 +34,11 @@ pub trait Store: Send + Sync + 'static {
     async fn insert(&self, events: &[Event]) -> Result<u64, StoreError>;
 }
 
-/// The insert: one statement (so one implicit transaction and one round
+/// The insert (public so that the benchmark's "PostgreSQL alone" ceiling
+/// measures exactly this statement): one statement (so one implicit transaction and one round
 /// trip) that unnests parallel arrays. Duplicates, within the batch or with
 /// rows already stored, are skipped by the unique `message_id`.
-const INSERT: &str = "\
+pub const INSERT: &str = "\
 INSERT INTO events (message_id, routing_key, payload, headers, published_at, received_at)
 SELECT m, r, p::jsonb, h::jsonb, pa, ra
 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[])

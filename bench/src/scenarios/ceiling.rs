@@ -13,6 +13,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use sluice::load::{sample_body, LoadArgs, Loader};
+use sluice_actors::store::INSERT;
 use sluice_testkit::amqp::{amqp_url, delete_topology};
 use sluice_testkit::{fresh_database, unique_prefix};
 
@@ -26,13 +27,6 @@ pub const PG_BATCH: usize = 1000;
 pub const PG_WRITERS: usize = 2;
 /// The migration that creates the service's table.
 const SCHEMA: &str = include_str!("../../../migrations/V1__create_events.sql");
-/// The service's insert (see `actors/src/store.rs`).
-const INSERT: &str = "\
-INSERT INTO events (message_id, routing_key, payload, headers, published_at, received_at)
-SELECT m, r, p::jsonb, h::jsonb, pa, ra
-FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[])
-    AS u(m, r, p, h, pa, ra)
-ON CONFLICT (message_id) DO NOTHING";
 
 /// Run both ceilings.
 pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
