@@ -11,6 +11,9 @@
 //! Without them the test fails and says so; set `SLUICE_SKIP_BROWSER=1` to
 //! skip it deliberately.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,10 +22,7 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::json;
-use sluice_testkit::amqp::amqp_url;
-use sluice_testkit::{
-    fresh_database, random_suffix, unique_prefix, Publisher, Service, TopologyGuard,
-};
+use sluice_testkit::{fresh_database, random_suffix};
 
 /// How long any one wait on the page may take.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -162,23 +162,8 @@ async fn the_dashboard_shows_live_events_and_charts() {
     };
 
     // Arrange: the service, a browser, the page.
-    let db = fresh_database().await;
-    let prefix = unique_prefix();
-    let url = amqp_url();
-    // Deletes the broker objects after the service is gone, even on panic.
-    let _topology = TopologyGuard::new(&url, &prefix);
-    let service = Service::spawn(
-        Path::new(env!("CARGO_BIN_EXE_sluice")),
-        &[
-            ("DATABASE_URL", db.url()),
-            ("AMQP_PREFIX", prefix.clone()),
-            ("AMQP_URL", url.clone()),
-        ],
-    );
-    service.wait_for_log("consuming", Duration::from_secs(60));
-    let publisher = Publisher::connect(&url)
-        .await
-        .expect("the publisher connects");
+    let app = common::spawn_app_with(fresh_database().await, &[]).await;
+    let (prefix, service, publisher) = (&app.prefix, &app.service, &app.publisher);
 
     let (_chromedriver, webdriver) = start_chromedriver(&chromedriver);
     let profile =
@@ -212,7 +197,7 @@ async fn the_dashboard_shows_live_events_and_charts() {
     const PER_WAVE: usize = 120;
     for wave in 0..WAVES {
         publisher
-            .publish_json_batch(&prefix, PER_WAVE, |i| Some(format!("w{wave}-{i}")))
+            .publish_json_batch(prefix, PER_WAVE, |i| Some(format!("w{wave}-{i}")))
             .await
             .expect("the broker confirms");
         tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -323,7 +308,7 @@ async fn the_dashboard_shows_live_events_and_charts() {
     // to apply it before publishing, so no event overtakes it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     publisher
-        .publish_json_batch(&prefix, 50, |i| Some(format!("f-{i}")))
+        .publish_json_batch(prefix, 50, |i| Some(format!("f-{i}")))
         .await
         .expect("the broker confirms");
     wait_for(
@@ -353,13 +338,6 @@ async fn the_dashboard_shows_live_events_and_charts() {
 
     // Clean up.
     client.close().await.expect("the browser closes");
-    let _ = publisher.close().await;
-    service.sigterm();
-    assert!(
-        service
-            .wait_exit(Duration::from_secs(30))
-            .is_some_and(|s| s.success()),
-        "a clean exit; logs:\n{}",
-        service.logs()
-    );
+    assert_eq!(app.terminate(), Some(0), "a clean exit");
+    app.cleanup().await;
 }

@@ -3,19 +3,16 @@
 //! dead-letter is counted under its reason, and the JSON snapshot agrees with
 //! the text series for series.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::time::Duration;
+#[path = "common/mod.rs"]
+mod common;
 
+use std::collections::BTreeMap;
+
+use common::PATIENCE;
 use lapin::BasicProperties;
 use prometheus_parse::{Scrape, Value};
-use sluice_testkit::amqp::{self, amqp_url};
-use sluice_testkit::{
-    eventually, fresh_database, unique_prefix, Publisher, Service, TopologyGuard,
-};
-
-/// How long the test waits for the pipeline to catch up.
-const PATIENCE: Duration = Duration::from_secs(60);
+use sluice_testkit::amqp;
+use sluice_testkit::{eventually, fresh_database};
 
 /// Events published on the happy path.
 const N: usize = 250;
@@ -120,33 +117,19 @@ fn flatten_stats(stats: &serde_json::Value) -> BTreeMap<String, f64> {
 
 #[actix_web::test]
 async fn metrics_count_what_happened_and_the_stats_agree() {
-    let db = fresh_database().await;
-    let prefix = unique_prefix();
-    let url = amqp_url();
-    // Deletes the broker objects after the service is gone, even on panic.
-    let _topology = TopologyGuard::new(&url, &prefix);
-    let service = Service::spawn(
-        Path::new(env!("CARGO_BIN_EXE_sluice")),
-        &[
-            ("DATABASE_URL", db.url()),
-            ("AMQP_PREFIX", prefix.clone()),
-            ("AMQP_URL", url.clone()),
-        ],
-    );
-    service.wait_for_log("consuming", PATIENCE);
+    let app = common::spawn_app_with(fresh_database().await, &[]).await;
+    let (db, prefix, url) = (&app.db, &app.prefix, &app.amqp_url);
+    let (service, publisher) = (&app.service, &app.publisher);
     let base = service.base_url();
-    let publisher = Publisher::connect(&url)
-        .await
-        .expect("the publisher connects");
 
     // Act: N good events and one that is not JSON.
     publisher
-        .publish_json_batch(&prefix, N, |i| Some(format!("m-{i}")))
+        .publish_json_batch(prefix, N, |i| Some(format!("m-{i}")))
         .await
         .expect("the broker confirms the batch");
     publisher
         .publish(
-            &prefix,
+            prefix,
             "test.bad",
             b"this is not json",
             BasicProperties::default().with_message_id("bad-1".into()),
@@ -183,7 +166,7 @@ async fn metrics_count_what_happened_and_the_stats_agree() {
     assert_eq!(metrics["sluice_batch_size_events_sum"], N as f64);
     assert!(metrics["sluice_write_duration_seconds_count"] >= 1.0);
     assert_eq!(db.count_rows("events").await, N as i64);
-    let dead = amqp::get_all(&url, &format!("{prefix}.dead"))
+    let dead = amqp::get_all(url, &format!("{prefix}.dead"))
         .await
         .expect("the dead-letter queue reads");
     assert_eq!(dead.len(), 1, "one dead letter");
@@ -249,11 +232,6 @@ async fn metrics_count_what_happened_and_the_stats_agree() {
         "{pipeline}"
     );
 
-    let _ = publisher.close().await;
-    service.sigterm();
-    assert!(
-        service.wait_exit(PATIENCE).is_some_and(|s| s.success()),
-        "a clean exit; logs:\n{}",
-        service.logs()
-    );
+    assert_eq!(app.terminate(), Some(0), "a clean exit");
+    app.cleanup().await;
 }

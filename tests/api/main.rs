@@ -2,6 +2,8 @@
 //! PostgreSQL: one test binary, each test with its own database and its own
 //! AMQP prefix, so they run in parallel.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod datastore;
 mod faults;
 mod helpers;

@@ -1,9 +1,7 @@
 //! What clients receive: a fast client gets everything in order, a slow one
 //! is told exactly what it missed, and topic filters select events.
 
-use tokio::time::Instant;
-
-use crate::helpers::{seqs, spawn_app_with, Incoming, FRAME_WAIT, PATIENCE};
+use crate::helpers::{seqs, spawn_app_with, Incoming, FRAME_WAIT};
 
 /// A client that keeps reading receives every event, in publish order, and
 /// is never told it lagged.
@@ -14,12 +12,9 @@ async fn a_fast_client_receives_every_event_in_order() {
     let mut client = app.connect("").await;
     client.sync().await;
 
-    // Read while publishing: the client keeps up as a browser would.
-    let deadline = Instant::now() + PATIENCE;
-    let ((), got) = futures_util::join!(
-        app.publish("fast", 0..N, 100),
-        client.collect_by(N as u64, deadline)
-    );
+    let got = app
+        .publish_read_in_waves(&mut client, "fast", N, 250, 100)
+        .await;
     app.wait_rows(N as i64).await;
 
     let drops = app.live_drops().await;
@@ -152,11 +147,9 @@ async fn a_fast_client_beside_stalled_ones_loses_nothing() {
     }
     let mut client = app.connect("").await;
     client.sync().await;
-    let deadline = Instant::now() + FRAME_WAIT;
-    let ((), got) = futures_util::join!(
-        app.publish("fast", 0..N, 1000),
-        client.collect_by(N as u64, deadline)
-    );
+    let got = app
+        .publish_read_in_waves(&mut client, "fast", N, 250, 1000)
+        .await;
     app.wait_rows(N as i64).await;
     let drops = app.live_drops().await;
     assert_eq!(

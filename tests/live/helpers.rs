@@ -2,7 +2,6 @@
 //! client that speaks the live protocol (answering pings, parsing frames).
 
 use std::future::Future;
-use std::path::Path;
 use std::time::Duration;
 
 use actix_codec::Framed;
@@ -13,14 +12,11 @@ use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
-use sluice_testkit::amqp::{self, amqp_url};
-use sluice_testkit::{
-    eventually, fresh_database, unique_prefix, Publisher, Service, TestDb, TopologyGuard,
-};
-use tokio::time::Instant;
+use sluice_testkit::{eventually, fresh_database};
 
-/// How long a test waits for the pipeline to catch up before failing.
-pub const PATIENCE: Duration = Duration::from_secs(60);
+use crate::common;
+pub use crate::common::{metric_value, TestApp, PATIENCE};
+use tokio::time::Instant;
 
 /// How long a client waits for the next frame before failing.
 pub const FRAME_WAIT: Duration = Duration::from_secs(30);
@@ -35,44 +31,11 @@ const MARKER_WAIT: Duration = Duration::from_secs(3);
 /// events in a frame, and some tests send events of several KB).
 const CLIENT_MAX_FRAME: usize = 64 << 20;
 
-/// A running service and everything a test needs around it.
-pub struct TestApp {
-    pub db: TestDb,
-    pub prefix: String,
-    pub amqp_url: String,
-    pub service: Service,
-    pub publisher: Publisher,
-    /// Deletes the broker objects last, once the service is gone, even if
-    /// the test panicked.
-    _topology: TopologyGuard,
-}
-
 /// Starts the service with `extra` settings on a fresh database and prefix,
 /// and waits until it consumes.
 pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
-    let db = fresh_database().await;
-    let prefix = unique_prefix();
-    let amqp_url = amqp_url();
-    let topology = TopologyGuard::new(&amqp_url, &prefix);
-    let mut env = vec![
-        ("DATABASE_URL", db.url()),
-        ("AMQP_PREFIX", prefix.clone()),
-        ("AMQP_URL", amqp_url.clone()),
-    ];
-    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
-    let service = Service::spawn(Path::new(env!("CARGO_BIN_EXE_sluice")), &env);
-    service.wait_for_log("consuming", PATIENCE);
-    let publisher = Publisher::connect(&amqp_url)
-        .await
-        .expect("publisher connects");
-    TestApp {
-        db,
-        prefix,
-        amqp_url,
-        service,
-        publisher,
-        _topology: topology,
-    }
+    let extra: Vec<(&str, String)> = extra.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+    common::spawn_app_with(fresh_database().await, &extra).await
 }
 
 impl TestApp {
@@ -133,40 +96,31 @@ impl TestApp {
         panic!("none of {MARKER_ATTEMPTS} markers reached the client");
     }
 
-    /// Rows in `events`.
-    pub async fn rows(&self) -> i64 {
-        self.db.count_rows("events").await
-    }
-
-    /// Waits until `events` holds exactly `n` rows (failing if it passes `n`).
-    pub async fn wait_rows(&self, n: i64) {
-        eventually(PATIENCE, &format!("{n} rows are stored"), || async {
-            let rows = self.rows().await;
-            assert!(rows <= n, "more rows ({rows}) than messages ({n})");
-            if rows == n {
-                Ok(())
-            } else {
-                Err(format!("{rows} rows"))
-            }
-        })
-        .await;
-    }
-
-    /// The text of `/metrics`.
-    pub async fn metrics_text(&self) -> String {
-        let url = format!("{}/metrics", self.service.base_url());
-        let mut response = awc::Client::default()
-            .get(&url)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let body = response.body().limit(16 << 20).await.expect("body");
-        String::from_utf8(body.to_vec()).expect("UTF-8 body")
-    }
-
-    /// A metric's value from `/metrics` (summed over label sets containing `labels`).
-    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
-        metric_value(&self.metrics_text().await, name, labels)
+    /// Publishes events `0..n` in waves of `wave`, each read by `client`
+    /// (received or told missed) before the next is published, so the client
+    /// keeps up by construction: on a loaded machine the test's own reader
+    /// could otherwise fall a whole buffer behind, and drops at its Observer
+    /// would then be right. Any loss is then the service's.
+    pub async fn publish_read_in_waves(
+        &self,
+        client: &mut LiveClient,
+        tag: &str,
+        n: usize,
+        wave: usize,
+        pad: usize,
+    ) -> Collected {
+        let deadline = Instant::now() + FRAME_WAIT;
+        let mut got = Collected::default();
+        for start in (0..n).step_by(wave) {
+            let end = (start + wave).min(n);
+            let ((), part) = futures_util::join!(
+                self.publish(tag, start..end, pad),
+                client.collect_by((end - start) as u64, deadline)
+            );
+            got.events.extend(part.events);
+            got.missed += part.missed;
+        }
+        got
     }
 
     /// The live path's drop counters, for failure messages.
@@ -226,12 +180,6 @@ impl TestApp {
             hwm: field("VmHWM:"),
         }
     }
-
-    /// Deletes the broker objects of this test.
-    pub async fn cleanup(self) {
-        let _ = self.publisher.close().await;
-        let _ = amqp::delete_topology(&self.amqp_url, &self.prefix).await;
-    }
 }
 
 /// Resident set sizes of the service, in KiB.
@@ -241,18 +189,6 @@ pub struct Memory {
     pub rss: u64,
     /// `VmHWM`: the peak so far.
     pub hwm: u64,
-}
-
-/// Sums the samples of `name` whose label set contains `labels`.
-pub fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            (metric == name && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
-        })
-        .fold(0.0, |sum, value| sum + value)
 }
 
 /// A `/ws` upgrade request with the test clients' settings; add headers to it.

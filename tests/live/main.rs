@@ -6,6 +6,8 @@
 //! parallel.
 
 mod admission;
+#[path = "../common/mod.rs"]
+mod common;
 mod delivery;
 mod helpers;
 mod overload;
