@@ -7,13 +7,21 @@ use sluice_testkit::{eventually, fresh_database, Mode, Proxy};
 
 use crate::helpers::*;
 
-/// Settings that slow the drain down enough to interrupt it mid-stream.
-fn slow() -> Vec<(&'static str, String)> {
-    vec![
-        ("WRITERS", "1".into()),
-        ("MAX_BATCH", "20".into()),
-        ("AMQP_PREFETCH", "100".into()),
-    ]
+/// A service whose database is reached through a proxy adding `latency` to
+/// each round trip, with settings that slow the drain down enough to
+/// interrupt it mid-stream (one writer, small batches, a small window).
+async fn slow_app(latency: Duration, extra: &[(&str, String)]) -> (TestApp, Proxy) {
+    let db = fresh_database().await;
+    let proxy = Proxy::start(db.server_addr()).expect("proxy starts");
+    proxy.set_latency(latency);
+    let mut env = vec![
+        ("WRITERS", "1".to_owned()),
+        ("MAX_BATCH", "20".to_owned()),
+        ("AMQP_PREFETCH", "100".to_owned()),
+        ("DATABASE_URL", db.url_via(proxy.addr())),
+    ];
+    env.extend(extra.iter().cloned());
+    (spawn_app_with(db, &env).await, proxy)
 }
 
 async fn wait_some_rows(app: &TestApp, at_least: i64) -> i64 {
@@ -30,13 +38,8 @@ async fn wait_some_rows(app: &TestApp, at_least: i64) -> i64 {
 
 #[actix_web::test]
 async fn killed_mid_stream_and_restarted_every_event_is_stored_once() {
-    let db = fresh_database().await;
-    let proxy = Proxy::start(db.server_addr()).expect("proxy starts");
     // A little latency per round trip keeps the drain slow enough to interrupt.
-    proxy.set_latency(Duration::from_millis(2));
-    let mut env = slow();
-    env.push(("DATABASE_URL", db.url_via(proxy.addr())));
-    let app = spawn_app_with(db, &env).await;
+    let (app, _proxy) = slow_app(Duration::from_millis(2), &[]).await;
     app.publish("k", 3000).await;
     let before = wait_some_rows(&app, 100).await;
     app.service.sigkill();
@@ -65,12 +68,7 @@ async fn killed_mid_stream_and_restarted_every_event_is_stored_once() {
 
 #[actix_web::test]
 async fn database_cut_mid_stream_resumes_by_itself_and_loses_nothing() {
-    let db = fresh_database().await;
-    let proxy = Proxy::start(db.server_addr()).expect("proxy starts");
-    proxy.set_latency(Duration::from_millis(2));
-    let mut env = slow();
-    env.push(("DATABASE_URL", db.url_via(proxy.addr())));
-    let app = spawn_app_with(db, &env).await;
+    let (app, proxy) = slow_app(Duration::from_millis(2), &[]).await;
     app.publish("cut", 2000).await;
     wait_some_rows(&app, 100).await;
 
@@ -102,12 +100,7 @@ async fn database_cut_mid_stream_resumes_by_itself_and_loses_nothing() {
 
 #[actix_web::test]
 async fn sigterm_drains_what_was_delivered_and_exits_zero() {
-    let db = fresh_database().await;
-    let proxy = Proxy::start(db.server_addr()).expect("proxy starts");
-    proxy.set_latency(Duration::from_millis(5));
-    let mut env = slow();
-    env.push(("DATABASE_URL", db.url_via(proxy.addr())));
-    let app = spawn_app_with(db, &env).await;
+    let (app, _proxy) = slow_app(Duration::from_millis(5), &[]).await;
     app.publish("term", 4000).await;
     wait_some_rows(&app, 50).await;
 
@@ -157,12 +150,7 @@ fn close_broker_connection(prefix: &str) {
 
 #[actix_web::test]
 async fn broker_connection_lost_mid_stream_reconnects_and_loses_nothing() {
-    let db = fresh_database().await;
-    let proxy = Proxy::start(db.server_addr()).expect("proxy starts");
-    proxy.set_latency(Duration::from_millis(2));
-    let mut env = slow();
-    env.push(("DATABASE_URL", db.url_via(proxy.addr())));
-    let app = spawn_app_with(db, &env).await;
+    let (app, _proxy) = slow_app(Duration::from_millis(2), &[]).await;
     app.publish("amqp", 3000).await;
     wait_some_rows(&app, 100).await;
 
@@ -182,13 +170,9 @@ async fn broker_connection_lost_mid_stream_reconnects_and_loses_nothing() {
 
 #[actix_web::test]
 async fn a_long_outage_gives_the_channel_up_so_the_broker_requeues_cleanly() {
-    let db = fresh_database().await;
-    let proxy = Proxy::start(db.server_addr()).expect("proxy starts");
-    let mut env = slow();
-    env.push(("DATABASE_URL", db.url_via(proxy.addr())));
     // Far below RabbitMQ's 30-minute consumer timeout, to keep the test short.
-    env.push(("AMQP_STALL_TIMEOUT", "2s".into()));
-    let app = spawn_app_with(db, &env).await;
+    let stall = [("AMQP_STALL_TIMEOUT", "2s".to_owned())];
+    let (app, proxy) = slow_app(Duration::ZERO, &stall).await;
 
     proxy.set_mode(Mode::Refuse);
     proxy.cut();
