@@ -2,8 +2,8 @@
 //! (10, 100, 1,000 msgs/s), then a search for the highest rate it sustains.
 
 use crate::rig::{Rig, Strategy};
-use crate::scenarios::{search_max, search_start, step};
-use crate::{say, BatchSizes, Bench};
+use crate::scenarios::{search_max, step};
+use crate::{say, Bench};
 
 /// Run it for the three strategies without added database latency.
 pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
@@ -40,25 +40,7 @@ pub async fn measure_strategy(
                 bench.results.points.push(point);
             }
         }
-        let (max, batches) =
-            search_max(bench, &rig, strategy, 0.0, search_start(strategy, 0.0)).await?;
-        say(format!(
-            "  {}: highest sustained rate {:.0} msgs/s",
-            strategy.name(),
-            max.rate
-        ));
-        if strategy == Strategy::Adaptive {
-            if let Some(h) = batches {
-                bench.results.batch_sizes.push(BatchSizes {
-                    db_rtt_ms: 0.0,
-                    offered: max.rate,
-                    buckets: h.per_bucket(),
-                    mean: h.mean(),
-                    p50: h.quantile_above(0.5, 1.0),
-                });
-            }
-        }
-        bench.results.max_rates.push(max);
+        search_max(bench, &rig, strategy, 0.0).await?;
         Ok::<_, anyhow::Error>(())
     }
     .await;

@@ -13,7 +13,7 @@ use sluice::load::{LoadArgs, LoadReport};
 
 use crate::prom::Histogram;
 use crate::rig::{Percentiles, Rig, Strategy, BATCH_SIZE, LATENCY, STORED};
-use crate::{say, Bench, MaxRate, Point};
+use crate::{say, BatchSizes, Bench, MaxRate, Point};
 
 /// Stored at least this share of the offered rate to count as sustained.
 pub const KEEP_UP: f64 = 0.95;
@@ -160,16 +160,17 @@ pub async fn step(
     ))
 }
 
-/// Find the highest rate `strategy` sustains on `rig`: double from `start`
-/// until a step falls behind, then bisect. Every step is recorded as a point.
-/// Returns the result and the batch sizes at the best rate.
+/// Find the highest rate `strategy` sustains on `rig`: double from
+/// [`search_start`] until a step falls behind, then bisect. Every step is
+/// recorded as a point; the highest rate, and for `adaptive` the batch sizes
+/// seen there, are recorded in the results.
 pub async fn search_max(
     bench: &mut Bench,
     rig: &Rig,
     strategy: Strategy,
     db_rtt_ms: f64,
-    start: f64,
-) -> anyhow::Result<(MaxRate, Option<Histogram>)> {
+) -> anyhow::Result<()> {
+    let start = search_start(strategy, db_rtt_ms);
     let scale = bench.scale.clone();
     let mut best: Option<(Point, Histogram)> = None;
     let mut failed_at: Option<f64> = None;
@@ -234,20 +235,31 @@ pub async fn search_max(
         Some((p, h)) => (p.offered, p.latency.p50_ms, Some(h)),
         None => (0.0, None, None),
     };
-    Ok((
-        MaxRate {
-            strategy,
+    say(format!(
+        "  {}: highest sustained rate {rate:.0} msgs/s with +{db_rtt_ms:.0} ms",
+        strategy.name()
+    ));
+    if let (Strategy::Adaptive, Some(h)) = (strategy, batches) {
+        bench.results.batch_sizes.push(BatchSizes {
             db_rtt_ms,
-            rate,
-            p50_ms,
-            publisher_bound,
-        },
-        batches,
-    ))
+            offered: rate,
+            buckets: h.per_bucket(),
+            mean: h.mean(),
+            p50: h.quantile_above(0.5, 1.0),
+        });
+    }
+    bench.results.max_rates.push(MaxRate {
+        strategy,
+        db_rtt_ms,
+        rate,
+        p50_ms,
+        publisher_bound,
+    });
+    Ok(())
 }
 
 /// Where a search starts, per strategy and added latency.
-pub fn search_start(strategy: Strategy, db_rtt_ms: f64) -> f64 {
+fn search_start(strategy: Strategy, db_rtt_ms: f64) -> f64 {
     match (strategy, db_rtt_ms > 0.0) {
         (Strategy::Single, false) => 250.0,
         (Strategy::Single, true) => 12.5,

@@ -5,8 +5,8 @@
 
 use crate::rig::{Rig, Strategy};
 use crate::scenarios::latency::measure_strategy;
-use crate::scenarios::{search_max, search_start};
-use crate::{say, BatchSizes, Bench};
+use crate::scenarios::search_max;
+use crate::{say, Bench};
 
 /// Run it for the three strategies (and `adaptive` without added latency
 /// first, if this run has not measured it yet: it is the baseline).
@@ -34,31 +34,7 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
             if let Some(proxy) = &rig.proxy {
                 proxy.set_latency(rtt / 2);
             }
-            let (max, batches) = search_max(
-                bench,
-                &rig,
-                strategy,
-                rtt_ms,
-                search_start(strategy, rtt_ms),
-            )
-            .await?;
-            say(format!(
-                "  {}: highest sustained rate {:.0} msgs/s with +{rtt_ms:.0} ms",
-                strategy.name(),
-                max.rate
-            ));
-            if strategy == Strategy::Adaptive {
-                if let Some(h) = batches {
-                    bench.results.batch_sizes.push(BatchSizes {
-                        db_rtt_ms: rtt_ms,
-                        offered: max.rate,
-                        buckets: h.per_bucket(),
-                        mean: h.mean(),
-                        p50: h.quantile_above(0.5, 1.0),
-                    });
-                }
-            }
-            bench.results.max_rates.push(max);
+            search_max(bench, &rig, strategy, rtt_ms).await?;
             Ok::<_, anyhow::Error>(())
         }
         .await;
