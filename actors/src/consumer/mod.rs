@@ -16,56 +16,35 @@
 //! generation is never acked (its channel is gone and the broker has
 //! requeued it). Losing the connection means reconnecting with backoff.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+//!
+//! Layout: [`topology`] (the names), [`link`] (connecting and declaring),
+//! [`reader`] (the reader task), [`dead_letter`] (republishing refused
+//! messages with their reason).
+
+mod dead_letter;
+mod link;
+mod reader;
+mod topology;
+
+pub use topology::Topology;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::{BasicAckOptions, BasicCancelOptions};
+use lapin::Channel;
 use tokio::sync::oneshot;
 
-use crate::event::{DeadLetter, DeadReason, DeliveryRef, Event, EventData, Limits};
-use crate::internal_events::datastore::{
-    AmqpConnected, AmqpReconnecting, DeadLettered, EventsReceived, InFlight,
-    Settled as SettledEvent,
-};
+use crate::event::{DeadLetter, Limits};
+use crate::internal_events::datastore::{AmqpConnected, AmqpReconnecting, Settled as SettledEvent};
 use crate::messages::{Ingest, Settle};
 use crate::settlement::{Settled, Settlement};
-
-/// The broker-side names, all derived from one prefix so that several
-/// deployments (and tests) can share a broker.
-#[derive(Debug, Clone)]
-pub struct Topology {
-    /// Durable topic exchange producers publish to.
-    pub exchange: String,
-    /// Durable queue bound to `exchange` with `#`; this is what Sluice consumes.
-    pub ingest: String,
-    /// Durable fanout exchange for dead letters.
-    pub dlx: String,
-    /// Durable queue bound to `dlx`: where dead letters wait for a human.
-    pub dead: String,
-}
-
-impl Topology {
-    /// The names for `prefix`: `prefix`, `prefix.ingest`, `prefix.dlx`, `prefix.dead`.
-    pub fn new(prefix: &str) -> Self {
-        Topology {
-            exchange: prefix.to_owned(),
-            ingest: format!("{prefix}.ingest"),
-            dlx: format!("{prefix}.dlx"),
-            dead: format!("{prefix}.dead"),
-        }
-    }
-}
+use dead_letter::dead_letter;
+use link::{close, open, Link};
+use reader::read;
 
 /// The Consumer's settings.
 #[derive(Debug, Clone)]
@@ -104,37 +83,6 @@ impl BrokerStatus {
     fn set(&self, connected: bool) {
         self.0.store(connected, Ordering::Relaxed);
     }
-}
-
-/// Deliveries read and settled on one channel generation, shared between the
-/// reader (which counts deliveries) and the actor (which counts settlements).
-#[derive(Debug, Default)]
-struct Window {
-    /// Highest delivery tag read (tags start at 1 with no gaps, so this is
-    /// also the number of deliveries read).
-    delivered: AtomicU64,
-    /// Deliveries settled.
-    settled: AtomicU64,
-}
-
-impl Window {
-    fn in_flight(&self) -> u64 {
-        self.delivered
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.settled.load(Ordering::Relaxed))
-    }
-}
-
-/// The live connection of one generation.
-struct Link {
-    generation: u64,
-    connection: Connection,
-    /// The consuming channel: deliveries, acks and rejects.
-    channel: Channel,
-    /// A channel in confirm mode for publishing dead letters.
-    dead_channel: Channel,
-    consumer_tag: String,
-    window: Arc<Window>,
 }
 
 /// The Consumer actor. See the module documentation.
@@ -419,9 +367,9 @@ impl Handler<Settle> for Consumer {
 /// cancel (`error` is `None`) or because the channel or connection failed.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-struct StreamEnded {
-    generation: u64,
-    error: Option<String>,
+pub(super) struct StreamEnded {
+    pub(super) generation: u64,
+    pub(super) error: Option<String>,
 }
 
 impl Handler<StreamEnded> for Consumer {
@@ -483,318 +431,4 @@ impl Handler<Shutdown> for Consumer {
             let _ = rx.await;
         })
     }
-}
-
-/// Connects, declares the topology, and starts consuming.
-async fn open(
-    settings: &ConsumerSettings,
-    generation: u64,
-) -> Result<(Link, lapin::Consumer), String> {
-    let t = &settings.topology;
-    // Named after the topology, so an operator can tell deployments apart.
-    let name = format!("sluice {}", t.exchange);
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connection = Connection::connect(&settings.amqp_url, properties)
-        .await
-        .map_err(|e| format!("cannot connect to the broker (AMQP_URL): {e}"))?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| format!("cannot open a channel: {e}"))?;
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(
-            t.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| format!("cannot declare exchange {}: {e}", t.exchange))?;
-    channel
-        .exchange_declare(
-            t.dlx.as_str().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| format!("cannot declare exchange {}: {e}", t.dlx))?;
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(t.dead.as_str().into(), durable_queue, FieldTable::default())
-        .await
-        .map_err(|e| format!("cannot declare queue {}: {e}", t.dead))?;
-    channel
-        .queue_bind(
-            t.dead.as_str().into(),
-            t.dlx.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| format!("cannot bind {} to {}: {e}", t.dead, t.dlx))?;
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(t.dlx.as_str().into()),
-    );
-    if settings.quorum {
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-    }
-    channel
-        .queue_declare(t.ingest.as_str().into(), durable_queue, arguments)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot declare queue {} (it may exist with other arguments: check AMQP_QUORUM \
-                 against how it was first declared): {e}",
-                t.ingest
-            )
-        })?;
-    // The channel is closed by a failed declaration, so this comes after the checks above.
-    channel
-        .queue_bind(
-            t.ingest.as_str().into(),
-            t.exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| format!("cannot bind {} to {}: {e}", t.ingest, t.exchange))?;
-    channel
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(|e| format!("cannot set the prefetch window: {e}"))?;
-    let dead_channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| format!("cannot open the dead-letter channel: {e}"))?;
-    dead_channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| format!("cannot enable publisher confirms: {e}"))?;
-    let consumer_tag = format!("sluice-{}-{generation}", std::process::id());
-    let stream = channel
-        .basic_consume(
-            t.ingest.as_str().into(),
-            consumer_tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| format!("cannot consume {}: {e}", t.ingest))?;
-    let link = Link {
-        generation,
-        connection,
-        channel,
-        dead_channel,
-        consumer_tag,
-        window: Arc::new(Window::default()),
-    };
-    Ok((link, stream))
-}
-
-fn close(link: Link, why: &'static str) {
-    actix::spawn(async move {
-        let _ = link.connection.close(200, why.into()).await;
-    });
-}
-
-/// The reader of one channel generation. See the module documentation.
-async fn read(
-    generation: u64,
-    stream: lapin::Consumer,
-    window: Arc<Window>,
-    settings: ConsumerSettings,
-    tap: Recipient<Ingest>,
-    consumer: Addr<Consumer>,
-) {
-    let mut chunks = stream.ready_chunks(settings.chunk.max(1));
-    let mut error = None;
-    while let Some(items) = chunks.next().await {
-        let received_at = SystemTime::now();
-        let mut events = Vec::with_capacity(items.len());
-        let mut dead = Vec::new();
-        EventsReceived { count: items.len() }.emit();
-        for item in items {
-            let delivery = match item {
-                Ok(delivery) => delivery,
-                Err(err) => {
-                    error = Some(format!("the consumer stream failed: {err}"));
-                    continue;
-                }
-            };
-            let id = DeliveryRef {
-                channel: generation,
-                tag: delivery.delivery_tag,
-            };
-            window
-                .delivered
-                .store(delivery.delivery_tag, Ordering::Relaxed);
-            let routing_key = delivery.routing_key.as_str().to_owned();
-            match EventData::from_delivery(
-                routing_key.clone(),
-                delivery.data,
-                delivery.properties,
-                settings.limits,
-                received_at,
-            ) {
-                Ok(data) => events.push(Event {
-                    delivery: id,
-                    merged: Vec::new(),
-                    data: Arc::new(data),
-                }),
-                Err(refused) => dead.push(DeadLetter {
-                    delivery: id,
-                    reason: refused.reason,
-                    detail: refused.detail,
-                    routing_key,
-                    body: refused.body,
-                    properties: refused.properties,
-                }),
-            }
-        }
-        InFlight {
-            unacked: window.in_flight(),
-        }
-        .emit();
-        if !dead.is_empty() {
-            report_dead(&dead);
-            if consumer
-                .send(Settle {
-                    stored: Vec::new(),
-                    dead,
-                })
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        if !events.is_empty() {
-            let Ok(admitted) = tap.send(Ingest { events }).await else {
-                log::error!("the tap is gone; stopping the reader");
-                break;
-            };
-            if !admitted.dropped.is_empty() {
-                report_dead(&admitted.dropped);
-                let settle = Settle {
-                    stored: Vec::new(),
-                    dead: admitted.dropped,
-                };
-                if consumer.send(settle).await.is_err() {
-                    break;
-                }
-            }
-        }
-        if error.is_some() {
-            break;
-        }
-    }
-    let _ = consumer.send(StreamEnded { generation, error }).await;
-}
-
-/// One metric update (and log line) per reason, not per message.
-fn report_dead(dead: &[DeadLetter]) {
-    let mut by_reason: HashMap<DeadReason, (usize, &str)> = HashMap::new();
-    for letter in dead {
-        by_reason
-            .entry(letter.reason)
-            .or_insert((0, &letter.detail))
-            .0 += 1;
-    }
-    for (reason, (count, detail)) in by_reason {
-        DeadLettered {
-            reason,
-            count,
-            detail: detail.to_owned(),
-        }
-        .emit();
-    }
-}
-
-/// Longest `x-sluice-detail` header written.
-const MAX_DETAIL: usize = 1024;
-
-/// Publishes each dead letter to the dead-letter exchange with its reason in
-/// the headers and waits for the broker's confirms. A confirmed one is then
-/// settled by ack (its copy is safe); one that could not be published is
-/// rejected without requeue, so the queue's own dead-lettering takes it
-/// (without our reason header, but not lost).
-async fn dead_letter(
-    dead_channel: &Channel,
-    channel: &Channel,
-    dlx: &str,
-    letters: Vec<DeadLetter>,
-) -> Vec<(u64, Settled)> {
-    let mut pending = Vec::with_capacity(letters.len());
-    for letter in letters {
-        let mut headers = letter.properties.headers().clone().unwrap_or_default();
-        let mut detail = letter.detail;
-        if detail.len() > MAX_DETAIL {
-            let mut cut = MAX_DETAIL;
-            while !detail.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            detail.truncate(cut);
-        }
-        headers.insert(
-            "x-sluice-reason".into(),
-            AMQPValue::LongString(letter.reason.as_str().into()),
-        );
-        headers.insert(
-            "x-sluice-detail".into(),
-            AMQPValue::LongString(detail.into()),
-        );
-        let properties = letter.properties.with_headers(headers);
-        let publish = dead_channel
-            .basic_publish(
-                dlx.into(),
-                letter.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &letter.body,
-                properties,
-            )
-            .await;
-        pending.push((letter.delivery.tag, publish));
-    }
-    let mut settled = Vec::with_capacity(pending.len());
-    for (tag, publish) in pending {
-        let confirmed = match publish {
-            Ok(confirm) => match confirm.await {
-                Ok(confirmation) if confirmation.is_ack() => Ok(()),
-                Ok(_) => Err("the broker refused it (nack)".to_owned()),
-                Err(err) => Err(err.to_string()),
-            },
-            Err(err) => Err(err.to_string()),
-        };
-        match confirmed {
-            Ok(()) => settled.push((tag, Settled::Ack)),
-            Err(why) => {
-                log::warn!("could not publish dead letter for delivery {tag} ({why}); rejecting it instead");
-                match channel
-                    .basic_reject(tag, BasicRejectOptions { requeue: false })
-                    .await
-                {
-                    Ok(()) => settled.push((tag, Settled::Rejected)),
-                    Err(err) => log::warn!(
-                        "reject of delivery {tag} failed too ({err}); the broker will redeliver it"
-                    ),
-                }
-            }
-        }
-    }
-    settled
 }

@@ -1,0 +1,105 @@
+//! Dead letters: republished to the dead-letter exchange with their reason in
+//! headers, confirmed, and only then settled.
+
+use std::collections::HashMap;
+
+use lapin::options::{BasicPublishOptions, BasicRejectOptions};
+use lapin::types::AMQPValue;
+use lapin::Channel;
+
+use crate::event::{DeadLetter, DeadReason};
+use crate::internal_events::datastore::DeadLettered;
+use crate::settlement::Settled;
+
+/// One metric update (and log line) per reason, not per message.
+pub(super) fn report_dead(dead: &[DeadLetter]) {
+    let mut by_reason: HashMap<DeadReason, (usize, &str)> = HashMap::new();
+    for letter in dead {
+        by_reason
+            .entry(letter.reason)
+            .or_insert((0, &letter.detail))
+            .0 += 1;
+    }
+    for (reason, (count, detail)) in by_reason {
+        DeadLettered {
+            reason,
+            count,
+            detail: detail.to_owned(),
+        }
+        .emit();
+    }
+}
+
+/// Longest `x-sluice-detail` header written.
+const MAX_DETAIL: usize = 1024;
+
+/// Publishes each dead letter to the dead-letter exchange with its reason in
+/// the headers and waits for the broker's confirms. A confirmed one is then
+/// settled by ack (its copy is safe); one that could not be published is
+/// rejected without requeue, so the queue's own dead-lettering takes it
+/// (without our reason header, but not lost).
+pub(super) async fn dead_letter(
+    dead_channel: &Channel,
+    channel: &Channel,
+    dlx: &str,
+    letters: Vec<DeadLetter>,
+) -> Vec<(u64, Settled)> {
+    let mut pending = Vec::with_capacity(letters.len());
+    for letter in letters {
+        let mut headers = letter.properties.headers().clone().unwrap_or_default();
+        let mut detail = letter.detail;
+        if detail.len() > MAX_DETAIL {
+            let mut cut = MAX_DETAIL;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+        }
+        headers.insert(
+            "x-sluice-reason".into(),
+            AMQPValue::LongString(letter.reason.as_str().into()),
+        );
+        headers.insert(
+            "x-sluice-detail".into(),
+            AMQPValue::LongString(detail.into()),
+        );
+        let properties = letter.properties.with_headers(headers);
+        let publish = dead_channel
+            .basic_publish(
+                dlx.into(),
+                letter.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &letter.body,
+                properties,
+            )
+            .await;
+        pending.push((letter.delivery.tag, publish));
+    }
+    let mut settled = Vec::with_capacity(pending.len());
+    for (tag, publish) in pending {
+        let confirmed = match publish {
+            Ok(confirm) => match confirm.await {
+                Ok(confirmation) if confirmation.is_ack() => Ok(()),
+                Ok(_) => Err("the broker refused it (nack)".to_owned()),
+                Err(err) => Err(err.to_string()),
+            },
+            Err(err) => Err(err.to_string()),
+        };
+        match confirmed {
+            Ok(()) => settled.push((tag, Settled::Ack)),
+            Err(why) => {
+                log::warn!("could not publish dead letter for delivery {tag} ({why}); rejecting it instead");
+                match channel
+                    .basic_reject(tag, BasicRejectOptions { requeue: false })
+                    .await
+                {
+                    Ok(()) => settled.push((tag, Settled::Rejected)),
+                    Err(err) => log::warn!(
+                        "reject of delivery {tag} failed too ({err}); the broker will redeliver it"
+                    ),
+                }
+            }
+        }
+    }
+    settled
+}

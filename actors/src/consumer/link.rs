@@ -1,0 +1,172 @@
+//! One connection generation: connecting, declaring the topology, starting
+//! to consume, and the counters the reader and the actor share.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use super::ConsumerSettings;
+
+/// Deliveries read and settled on one channel generation, shared between the
+/// reader (which counts deliveries) and the actor (which counts settlements).
+#[derive(Debug, Default)]
+pub(super) struct Window {
+    /// Highest delivery tag read (tags start at 1 with no gaps, so this is
+    /// also the number of deliveries read).
+    pub(super) delivered: AtomicU64,
+    /// Deliveries settled.
+    pub(super) settled: AtomicU64,
+}
+
+impl Window {
+    pub(super) fn in_flight(&self) -> u64 {
+        self.delivered
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.settled.load(Ordering::Relaxed))
+    }
+}
+
+/// The live connection of one generation.
+pub(super) struct Link {
+    pub(super) generation: u64,
+    pub(super) connection: Connection,
+    /// The consuming channel: deliveries, acks and rejects.
+    pub(super) channel: Channel,
+    /// A channel in confirm mode for publishing dead letters.
+    pub(super) dead_channel: Channel,
+    pub(super) consumer_tag: String,
+    pub(super) window: Arc<Window>,
+}
+
+/// Connects, declares the topology, and starts consuming.
+pub(super) async fn open(
+    settings: &ConsumerSettings,
+    generation: u64,
+) -> Result<(Link, lapin::Consumer), String> {
+    let t = &settings.topology;
+    // Named after the topology, so an operator can tell deployments apart.
+    let name = format!("sluice {}", t.exchange);
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let connection = Connection::connect(&settings.amqp_url, properties)
+        .await
+        .map_err(|e| format!("cannot connect to the broker (AMQP_URL): {e}"))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| format!("cannot open a channel: {e}"))?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            t.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("cannot declare exchange {}: {e}", t.exchange))?;
+    channel
+        .exchange_declare(
+            t.dlx.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("cannot declare exchange {}: {e}", t.dlx))?;
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(t.dead.as_str().into(), durable_queue, FieldTable::default())
+        .await
+        .map_err(|e| format!("cannot declare queue {}: {e}", t.dead))?;
+    channel
+        .queue_bind(
+            t.dead.as_str().into(),
+            t.dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("cannot bind {} to {}: {e}", t.dead, t.dlx))?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(t.dlx.as_str().into()),
+    );
+    if settings.quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    channel
+        .queue_declare(t.ingest.as_str().into(), durable_queue, arguments)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot declare queue {} (it may exist with other arguments: check AMQP_QUORUM \
+                 against how it was first declared): {e}",
+                t.ingest
+            )
+        })?;
+    // The channel is closed by a failed declaration, so this comes after the checks above.
+    channel
+        .queue_bind(
+            t.ingest.as_str().into(),
+            t.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("cannot bind {} to {}: {e}", t.ingest, t.exchange))?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| format!("cannot set the prefetch window: {e}"))?;
+    let dead_channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| format!("cannot open the dead-letter channel: {e}"))?;
+    dead_channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| format!("cannot enable publisher confirms: {e}"))?;
+    let consumer_tag = format!("sluice-{}-{generation}", std::process::id());
+    let stream = channel
+        .basic_consume(
+            t.ingest.as_str().into(),
+            consumer_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("cannot consume {}: {e}", t.ingest))?;
+    let link = Link {
+        generation,
+        connection,
+        channel,
+        dead_channel,
+        consumer_tag,
+        window: Arc::new(Window::default()),
+    };
+    Ok((link, stream))
+}
+
+pub(super) fn close(link: Link, why: &'static str) {
+    actix::spawn(async move {
+        let _ = link.connection.close(200, why.into()).await;
+    });
+}

@@ -1,0 +1,110 @@
+//! The reader of one channel generation: takes whatever deliveries are ready
+//! (up to a chunk), validates them, and sends the chunk on.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use actix::prelude::*;
+use futures_util::StreamExt;
+
+use super::dead_letter::report_dead;
+use super::link::Window;
+use super::{Consumer, ConsumerSettings, StreamEnded};
+use crate::event::{DeadLetter, DeliveryRef, Event, EventData};
+use crate::internal_events::datastore::{EventsReceived, InFlight};
+use crate::messages::{Ingest, Settle};
+
+/// The reader of one channel generation. See the module documentation.
+pub(super) async fn read(
+    generation: u64,
+    stream: lapin::Consumer,
+    window: Arc<Window>,
+    settings: ConsumerSettings,
+    tap: Recipient<Ingest>,
+    consumer: Addr<Consumer>,
+) {
+    let mut chunks = stream.ready_chunks(settings.chunk.max(1));
+    let mut error = None;
+    while let Some(items) = chunks.next().await {
+        let received_at = SystemTime::now();
+        let mut events = Vec::with_capacity(items.len());
+        let mut dead = Vec::new();
+        EventsReceived { count: items.len() }.emit();
+        for item in items {
+            let delivery = match item {
+                Ok(delivery) => delivery,
+                Err(err) => {
+                    error = Some(format!("the consumer stream failed: {err}"));
+                    continue;
+                }
+            };
+            let id = DeliveryRef {
+                channel: generation,
+                tag: delivery.delivery_tag,
+            };
+            window
+                .delivered
+                .store(delivery.delivery_tag, Ordering::Relaxed);
+            let routing_key = delivery.routing_key.as_str().to_owned();
+            match EventData::from_delivery(
+                routing_key.clone(),
+                delivery.data,
+                delivery.properties,
+                settings.limits,
+                received_at,
+            ) {
+                Ok(data) => events.push(Event {
+                    delivery: id,
+                    merged: Vec::new(),
+                    data: Arc::new(data),
+                }),
+                Err(refused) => dead.push(DeadLetter {
+                    delivery: id,
+                    reason: refused.reason,
+                    detail: refused.detail,
+                    routing_key,
+                    body: refused.body,
+                    properties: refused.properties,
+                }),
+            }
+        }
+        InFlight {
+            unacked: window.in_flight(),
+        }
+        .emit();
+        if !dead.is_empty() {
+            report_dead(&dead);
+            if consumer
+                .send(Settle {
+                    stored: Vec::new(),
+                    dead,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        if !events.is_empty() {
+            let Ok(admitted) = tap.send(Ingest { events }).await else {
+                log::error!("the tap is gone; stopping the reader");
+                break;
+            };
+            if !admitted.dropped.is_empty() {
+                report_dead(&admitted.dropped);
+                let settle = Settle {
+                    stored: Vec::new(),
+                    dead: admitted.dropped,
+                };
+                if consumer.send(settle).await.is_err() {
+                    break;
+                }
+            }
+        }
+        if error.is_some() {
+            break;
+        }
+    }
+    let _ = consumer.send(StreamEnded { generation, error }).await;
+}
