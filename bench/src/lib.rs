@@ -16,6 +16,7 @@ pub mod scenarios;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use rig::Strategy;
 
 /// The scenarios, in the order `all` runs them.
@@ -163,8 +164,12 @@ impl Scale {
 /// Everything a run measured; the report is built from it.
 #[derive(Debug, Clone, Default)]
 pub struct Results {
-    /// Broker alone: consume + ack, msgs/s.
+    /// Broker alone: consume + ack, msgs/s (the best of `broker_tries`).
     pub broker_ceiling: Option<f64>,
+    /// Every broker-alone setting tried, with its figures.
+    pub broker_tries: Vec<BrokerTry>,
+    /// The (prefetch, ack every) that gave `broker_ceiling`.
+    pub broker_best: Option<(u16, u64)>,
     /// PostgreSQL alone: bulk inserts, rows/s.
     pub pg_ceiling: Option<f64>,
     /// The backlog drain.
@@ -198,10 +203,38 @@ pub struct DrainResult {
     pub peak_rss_mb: Option<f64>,
     /// Mean batch size during the drain.
     pub mean_batch: Option<f64>,
-    /// The broker ceiling this is compared with.
+    /// The broker ceiling this is compared with (measured before the service).
     pub broker_ceiling: Option<f64>,
+    /// The same ceiling setting, measured again after the service.
+    pub broker_ceiling_after: Option<f64>,
     /// Messages ready + unacked in the queue at the end (0 expected).
     pub left_in_queue: Option<u32>,
+    /// The service's CPU time per message, µs (start-up CPU subtracted).
+    pub cpu_us_per_msg: Option<f64>,
+    /// The plain pipeline doing the same work, measured just before.
+    pub plain: Option<Probe>,
+}
+
+/// Figures of one baseline process (`sluice-bench-probe`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    /// Messages per second.
+    pub rate: f64,
+    /// Its CPU time per message, µs.
+    pub cpu_us_per_msg: Option<f64>,
+    /// Its peak RSS, MB.
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// One setting of the broker-alone ceiling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerTry {
+    /// `basic.qos` prefetch.
+    pub prefetch: u16,
+    /// A `multiple` ack every this many deliveries.
+    pub ack_every: u64,
+    /// What it gave.
+    pub measured: Probe,
 }
 
 /// One measured (strategy, added latency, offered rate).
@@ -295,6 +328,8 @@ pub struct Bench {
     pub scale: Scale,
     /// Findings.
     pub results: Results,
+    /// The baselines' binary, built on first use.
+    probe: Option<PathBuf>,
 }
 
 impl Bench {
@@ -304,7 +339,17 @@ impl Bench {
             bin,
             scale,
             results: Results::default(),
+            probe: None,
         }
+    }
+
+    /// The `sluice-bench-probe` binary (the baselines), built on first use
+    /// with this binary's profile.
+    pub fn probe(&mut self) -> anyhow::Result<PathBuf> {
+        if self.probe.is_none() {
+            self.probe = Some(rig::build_probe(!cfg!(debug_assertions))?);
+        }
+        self.probe.clone().context("no probe binary")
     }
 
     /// Run one scenario, recording its figures in [`Bench::results`].

@@ -26,27 +26,40 @@ pub fn build_sluice(release: bool) -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("SLUICE_BIN") {
         return Ok(PathBuf::from(bin));
     }
+    build_bin("sluice", "sluice", release)
+}
+
+/// Build the drain's baselines (`sluice-bench-probe`, run as their own
+/// processes) and return the path. `SLUICE_PROBE_BIN` overrides.
+pub fn build_probe(release: bool) -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("SLUICE_PROBE_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    build_bin("sluice-bench", "sluice-bench-probe", release)
+}
+
+fn build_bin(package: &str, name: &str, release: bool) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
     command
         .current_dir(&root)
-        .args(["build", "--quiet", "-p", "sluice", "--bin", "sluice"]);
+        .args(["build", "--quiet", "-p", package, "--bin", name]);
     if release {
         command.arg("--release");
     }
     let status = command
         .status()
-        .context("cannot run cargo to build the sluice binary")?;
+        .with_context(|| format!("cannot run cargo to build {name}"))?;
     if !status.success() {
-        bail!("building the sluice binary failed ({status})");
+        bail!("building {name} failed ({status})");
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let bin = target
         .join(if release { "release" } else { "debug" })
-        .join("sluice");
+        .join(name);
     if !bin.exists() {
         bail!("{} was not built", bin.display());
     }
@@ -262,6 +275,87 @@ pub fn peak_rss_mb(pid: u32) -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// CPU time (user + system, seconds) process `pid` has used so far, from
+/// `/proc/<pid>/stat` (machine-independent, unlike a rate).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: count fields after its closing ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+/// CPU seconds each thread of process `pid` has used so far, by thread id,
+/// with the thread's name (`/proc/<pid>/task/*/stat`).
+pub fn thread_cpu(pid: u32) -> Vec<(u32, String, f64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut threads = Vec::new();
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, rest)| rest.rsplit_once(')'))
+            .map_or_else(String::new, |(name, _)| name.to_owned());
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+        if let (Some(u), Some(s)) = (ticks(11), ticks(12)) {
+            threads.push((tid, name, (u + s) / clock_ticks()));
+        }
+    }
+    threads
+}
+
+/// How busy each thread was between two [`thread_cpu`] samples `wall`
+/// apart, busiest first: "name 93%, name 40%, …" (threads under 2% left out).
+pub fn thread_busy(
+    before: &[(u32, String, f64)],
+    after: &[(u32, String, f64)],
+    wall: Duration,
+) -> String {
+    let mut busy: Vec<(String, f64)> = after
+        .iter()
+        .map(|(tid, name, cpu)| {
+            let was = before
+                .iter()
+                .find(|(t, _, _)| t == tid)
+                .map_or(0.0, |(_, _, c)| *c);
+            (name.clone(), (cpu - was) / wall.as_secs_f64().max(1e-6))
+        })
+        .filter(|(_, share)| *share >= 0.02)
+        .collect();
+    busy.sort_by(|a, b| b.1.total_cmp(&a.1));
+    busy.iter()
+        .map(|(name, share)| format!("{name} {:.0}%", share * 100.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Clock ticks per second of `/proc` times (`getconf CLK_TCK`, 100 on Linux).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Latency percentiles (ms) of what was recorded between two scrapes.
