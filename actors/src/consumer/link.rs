@@ -11,6 +11,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
+use super::acker::Acker;
 use super::ConsumerSettings;
 
 /// Deliveries read and settled on one channel generation, shared between the
@@ -42,6 +43,8 @@ pub(super) struct Link {
     pub(super) dead_channel: Channel,
     pub(super) consumer_tag: String,
     pub(super) window: Arc<Window>,
+    /// Sends the acks of `channel`, in order, without making anyone wait.
+    pub(super) acker: Acker,
 }
 
 /// Connects, declares the topology, and starts consuming.
@@ -155,6 +158,7 @@ pub(super) async fn open(
         .await
         .map_err(|e| format!("cannot consume {}: {e}", t.ingest))?;
     let link = Link {
+        acker: Acker::start(channel.clone()),
         generation,
         connection,
         channel,

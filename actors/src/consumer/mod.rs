@@ -21,6 +21,7 @@
 //! [`reader`] (the reader task), [`dead_letter`] (republishing refused
 //! messages with their reason).
 
+mod acker;
 mod dead_letter;
 mod link;
 mod reader;
@@ -34,8 +35,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::options::{BasicAckOptions, BasicCancelOptions};
-use lapin::Channel;
+use lapin::options::BasicCancelOptions;
 use tokio::sync::oneshot;
 
 use crate::event::{DeadLetter, Limits};
@@ -208,10 +208,12 @@ impl Consumer {
         ctx.run_later(delay, |act, ctx| act.connect(ctx));
     }
 
-    /// Records settlements of the current generation; returns the ack to
-    /// send, if the watermark moved past an ackable tag.
-    fn record(&mut self, generation: u64, settled: &[(u64, Settled)]) -> Option<(Channel, u64)> {
-        let link = self.link.as_ref().filter(|l| l.generation == generation)?;
+    /// Records settlements of the current generation and hands the acker
+    /// the new ackable tag, if the watermark moved past one.
+    fn record(&mut self, generation: u64, settled: &[(u64, Settled)]) {
+        let Some(link) = self.link.as_ref().filter(|l| l.generation == generation) else {
+            return;
+        };
         let before = self.settlement.watermark();
         for (tag, how) in settled {
             self.settlement.settle(*tag, *how);
@@ -237,7 +239,9 @@ impl Consumer {
             unacked,
         }
         .emit();
-        ack.map(|tag| (link.channel.clone(), tag))
+        if let Some(tag) = ack {
+            link.acker.ack_up_to(tag);
+        }
     }
 
     /// During shutdown: once everything read has been settled, close.
@@ -257,6 +261,7 @@ impl Consumer {
             log::info!("every delivery read is settled; closing the broker connection");
             let waiters = std::mem::take(&mut self.drained);
             actix::spawn(async move {
+                link.acker.flush().await;
                 let _ = link.channel.close(200, "shutting down".into()).await;
                 let _ = link.connection.close(200, "shutting down".into()).await;
                 for waiter in waiters {
@@ -313,10 +318,12 @@ impl Actor for Consumer {
 }
 
 impl Handler<Settle> for Consumer {
-    /// Atomic: settlements are applied, and acks sent, one at a time and in order.
+    /// Atomic: settlements are applied one at a time and in order; one
+    /// holding dead letters holds the next ones until its confirms are in.
+    /// Acks are handed to the [`acker::Acker`]: nobody waits for them.
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, msg: Settle, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Settle, ctx: &mut Context<Self>) -> Self::Result {
         let Some(link) = &self.link else {
             // No channel: the broker requeued everything it had delivered.
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
@@ -333,32 +340,25 @@ impl Handler<Settle> for Consumer {
             .into_iter()
             .filter(|d| d.delivery.channel == generation)
             .collect();
+        if dead.is_empty() {
+            // The common case: committed rows, nothing to wait for.
+            self.record(generation, &settled);
+            self.check_drained(ctx);
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
         let channel = link.channel.clone();
         let dead_channel = link.dead_channel.clone();
         let dlx = self.settings.topology.dlx.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                if !dead.is_empty() {
-                    settled.extend(dead_letter(&dead_channel, &channel, &dlx, dead).await);
-                }
+                settled.extend(dead_letter(&dead_channel, &channel, &dlx, dead).await);
                 settled
             }
             .into_actor(self)
-            .map(move |settled, act, _| act.record(generation, &settled))
-            .then(|ack, act, _| {
-                async move {
-                    if let Some((channel, tag)) = ack {
-                        if let Err(err) = channel
-                            .basic_ack(tag, BasicAckOptions { multiple: true })
-                            .await
-                        {
-                            log::warn!("ack up to delivery {tag} failed (channel lost?): {err}");
-                        }
-                    }
-                }
-                .into_actor(act)
-            })
-            .map(|(), act, ctx| act.check_drained(ctx)),
+            .map(move |settled, act, ctx| {
+                act.record(generation, &settled);
+                act.check_drained(ctx);
+            }),
         ))
     }
 }
