@@ -49,8 +49,6 @@ pub struct Application {
     shutdown_timeout: Duration,
     /// Runs the Observable on its own thread, away from the datastore path.
     _live_arbiter: Arbiter,
-    /// Runs the Writers (see `build`).
-    _writer_arbiter: Arbiter,
 }
 
 impl Application {
@@ -120,25 +118,16 @@ impl Application {
             })
         };
 
-        // Writers run on a thread of their own, so that encoding rows and
-        // reading PostgreSQL's replies never queue behind the reader, the
-        // Tap and the Queue on this one (nor they behind the writers). The
-        // connection used by the migrations lives on this thread: let it go,
-        // so that each writer's connection is driven by the writers' thread.
-        pool.retain(|_, _| false);
-        let writer_arbiter = Arbiter::new();
         let store = Arc::new(PgStore::new(pool.clone()));
         for id in 0..writers {
-            let (store, queue, consumer) = (store.clone(), queue.clone(), consumer.clone());
-            Writer::start_in_arbiter(&writer_arbiter.handle(), move |_| {
-                Writer::new(
-                    id,
-                    store,
-                    queue.recipient(),
-                    consumer.recipient(),
-                    RetrySettings::default(),
-                )
-            });
+            Writer::new(
+                id,
+                store.clone(),
+                queue.clone().recipient(),
+                consumer.clone().recipient(),
+                RetrySettings::default(),
+            )
+            .start();
         }
 
         let listener = TcpListener::bind(config.http_addr)
@@ -176,7 +165,6 @@ impl Application {
             consumer,
             shutdown_timeout: config.shutdown_timeout,
             _live_arbiter: live_arbiter,
-            _writer_arbiter: writer_arbiter,
         })
     }
 
