@@ -132,19 +132,54 @@ pub struct TlsProxy {
 impl TlsProxy {
     /// Starts the proxy with `cert` (files from [`TestCa::server_cert`]).
     pub fn start(upstream: SocketAddr, cert: &CertFiles) -> Result<TlsProxy> {
+        TlsProxy::start_with(upstream, cert, None)
+    }
+
+    /// As [`TlsProxy::start`], and clients must present a certificate
+    /// signed by the CA in `client_ca` (mutual TLS).
+    pub fn start_mutual(
+        upstream: SocketAddr,
+        cert: &CertFiles,
+        client_ca: &Path,
+    ) -> Result<TlsProxy> {
+        TlsProxy::start_with(upstream, cert, Some(client_ca))
+    }
+
+    fn start_with(
+        upstream: SocketAddr,
+        cert: &CertFiles,
+        client_ca: Option<&Path>,
+    ) -> Result<TlsProxy> {
         let chain = CertificateDer::pem_file_iter(&cert.cert)
             .context("reading the server certificate")?
             .collect::<Result<Vec<_>, _>>()
             .context("parsing the server certificate")?;
         let key = PrivateKeyDer::from_pem_file(&cert.key).context("reading the server key")?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .context("protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .context("server certificate and key")?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("protocol versions")?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(path).context("reading the client CA")? {
+                    roots
+                        .add(cert.context("parsing the client CA")?)
+                        .context("adding the client CA")?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .context("client certificate verifier")?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder
+            .with_single_cert(chain, key)
+            .context("server certificate and key")?;
         let acceptor = TlsAcceptor::from(Arc::new(config));
 
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
