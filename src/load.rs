@@ -173,6 +173,22 @@ impl Loader {
         Loader::connect_with(amqp_url, &BrokerTls::default()).await
     }
 
+    /// Connect to `amqp_url` with the TLS settings of the environment
+    /// (`AMQP_TLS_CA`, `AMQP_TLS_CERT`, `AMQP_TLS_KEY`), as the benchmark does.
+    pub async fn connect_env(amqp_url: &str) -> anyhow::Result<Loader> {
+        let path = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(std::path::PathBuf::from)
+        };
+        let tls = BrokerTls::from_files(
+            path("AMQP_TLS_CA").as_deref(),
+            path("AMQP_TLS_CERT").as_deref(),
+            path("AMQP_TLS_KEY").as_deref(),
+        )?;
+        Loader::connect_with(amqp_url, &tls).await
+    }
+
     /// Connect to `amqp_url` with the service's TLS settings (`AMQP_TLS_*`)
     /// and put a channel in confirm mode.
     pub async fn connect_with(amqp_url: &str, tls: &BrokerTls) -> anyhow::Result<Loader> {
