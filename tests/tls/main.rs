@@ -455,7 +455,8 @@ async fn no_password_is_ever_printed() {
             ("AUTH_TOKEN_FILE", token_file.clone()),
             ("AMQP_PREFIX", prefix.clone()),
             ("AMQP_TLS_CA", ca.ca_file().display().to_string()),
-            ("RUST_LOG", "debug".into()),
+            // Everything any crate logs, whatever it logs.
+            ("RUST_LOG", "trace".into()),
         ]);
         // Traffic, a dead letter, and the endpoints.
         let publisher = Publisher::connect(&amqp_url()).await.expect("publisher");
