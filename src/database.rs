@@ -556,6 +556,70 @@ mod tests {
         assert_eq!(t.config.get_ssl_mode(), PgSslMode::Disable);
     }
 
+    /// The verifiers behind verify-ca, verify-full and the unverified modes,
+    /// on certificates made by a test CA.
+    #[test]
+    fn each_mode_checks_what_libpq_checks() {
+        use sluice_testkit::tls::{ServerCert, TestCa};
+        let ca = TestCa::new("db").expect("CA");
+        let other = TestCa::new("db-other").expect("CA");
+        let cert_for = |ca: &TestCa, name: &str| {
+            let files = ca
+                .server_cert(
+                    name,
+                    &ServerCert {
+                        names: &[name],
+                        expired: false,
+                    },
+                )
+                .expect("certificate");
+            read_certificates("sslcert", &files.cert).expect("PEM")[0].clone()
+        };
+        let verify = |verification: Verification, cert: &CertificateDer<'static>, host: &str| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let verifier: Arc<dyn ServerCertVerifier> = match &verification {
+                Verification::Chain { roots } => {
+                    Arc::new(ChainOnly(webpki(roots, &provider).expect("roots")))
+                }
+                Verification::Full { roots } => webpki(roots, &provider).expect("roots"),
+                _ => Arc::new(NoCertificateCheck(provider)),
+            };
+            let name = ServerName::try_from(host.to_owned()).expect("name");
+            verifier
+                .verify_server_cert(cert, &[], &name, &[], UnixTime::now())
+                .map(|_| ())
+        };
+        let roots = RootSource::File(ca.ca_file());
+        let right_host = cert_for(&ca, "db.sluice.test");
+        let wrong_host = cert_for(&ca, "elsewhere.sluice.test");
+        let untrusted = cert_for(&other, "db.sluice.test");
+        let full = || Verification::Full {
+            roots: roots.clone(),
+        };
+        let chain = || Verification::Chain {
+            roots: roots.clone(),
+        };
+
+        assert!(verify(full(), &right_host, "db.sluice.test").is_ok());
+        assert!(matches!(
+            verify(full(), &wrong_host, "db.sluice.test"),
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }
+            ))
+        ));
+        assert!(verify(full(), &untrusted, "db.sluice.test").is_err());
+        // verify-ca: any host name, but only this CA.
+        assert!(verify(chain(), &wrong_host, "db.sluice.test").is_ok());
+        assert!(matches!(
+            verify(chain(), &untrusted, "db.sluice.test"),
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer
+            ))
+        ));
+        // prefer/require without a root file: nothing is checked.
+        assert!(verify(Verification::Unverified, &untrusted, "db.sluice.test").is_ok());
+    }
+
     #[test]
     fn modes_follow_libpq() {
         let dir = std::env::temp_dir().join(format!("sluice-pgtls-{}", std::process::id()));
