@@ -277,9 +277,25 @@ impl Config {
     }
 
     /// The broker's TLS settings (the files are read and checked here).
+    /// Given with a plain `amqp://` URL they would do nothing: that is said.
     pub fn broker_tls(
         &self,
     ) -> Result<sluice_actors::tls::BrokerTls, sluice_actors::tls::TlsFileError> {
+        let any = self.amqp_tls_ca.is_some()
+            || self.amqp_tls_cert.is_some()
+            || self.amqp_tls_key.is_some();
+        if any
+            && !self
+                .amqp_url
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("amqps://")
+        {
+            log::warn!(
+                "AMQP_TLS_CA/AMQP_TLS_CERT/AMQP_TLS_KEY are set but AMQP_URL is not amqps://: \
+                 the broker connection is plain text and they are not used"
+            );
+        }
         sluice_actors::tls::BrokerTls::from_files(
             self.amqp_tls_ca.as_deref(),
             self.amqp_tls_cert.as_deref(),
