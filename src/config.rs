@@ -3,6 +3,7 @@
 //! message naming the setting.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -33,19 +34,27 @@ pub enum Command {
 /// The service's settings.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// AMQP URL of the broker.
+    /// AMQP URL of the broker, `amqp://` or `amqps://` (TLS) [default: the
+    /// local broker, 127.0.0.1:5672, as user guest]. Or AMQP_URL_FILE.
+    // The default and the environment's value hold passwords: kept out of --help.
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_default_value = true,
+        hide_env_values = true
     )]
     pub amqp_url: String,
 
-    /// PostgreSQL URL of the database (it must exist; tables are migrated at start).
+    /// PostgreSQL URL of the database (it must exist; tables are migrated at
+    /// start); `sslmode` and `sslrootcert` work as in libpq
+    /// [default: postgres://postgres@127.0.0.1:5432/sluice]. Or DATABASE_URL_FILE.
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/sluice"
+        default_value = "postgres://postgres@127.0.0.1:5432/sluice",
+        hide_default_value = true,
+        hide_env_values = true
     )]
     pub database_url: String,
 
@@ -160,6 +169,33 @@ pub struct Config {
     /// and acked before exiting anyway (unacked ones are redelivered).
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    // --- Production connections: TLS to the broker, secrets in files (issue 12).
+    /// A file holding AMQP_URL (a container secret); setting both is an error.
+    #[arg(long, env = "AMQP_URL_FILE")]
+    pub amqp_url_file: Option<PathBuf>,
+
+    /// A file holding DATABASE_URL; setting both is an error.
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+
+    /// A file holding AUTH_TOKEN; setting both is an error.
+    #[arg(long, env = "AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// `amqps://` only: a PEM file of the CA(s) that sign the broker's
+    /// certificate, trusted on top of the system's root certificates.
+    #[arg(long, env = "AMQP_TLS_CA")]
+    pub amqp_tls_ca: Option<PathBuf>,
+
+    /// `amqps://` only: a PEM client certificate (chain) to present, for
+    /// mutual TLS (RabbitMQ's `EXTERNAL` mechanism); needs AMQP_TLS_KEY.
+    #[arg(long, env = "AMQP_TLS_CERT")]
+    pub amqp_tls_cert: Option<PathBuf>,
+
+    /// `amqps://` only: the PEM private key of AMQP_TLS_CERT.
+    #[arg(long, env = "AMQP_TLS_KEY")]
+    pub amqp_tls_key: Option<PathBuf>,
 }
 
 /// `QUEUE_ON_FULL` values.
@@ -194,7 +230,79 @@ pub enum BatchingArg {
     Single,
 }
 
+impl Cli {
+    /// Parses the command line and the environment, then reads the secrets
+    /// given as files (`AMQP_URL_FILE`, …). A bad value is a clap error
+    /// naming the setting (print it with `exit()`); no value is echoed.
+    pub fn load() -> Result<Cli, clap::Error> {
+        Cli::load_from(std::env::args_os())
+    }
+
+    /// [`Cli::load`] from the given arguments (tests).
+    pub fn load_from<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        cli.service.read_secret_files(&matches)?;
+        Ok(cli)
+    }
+}
+
 impl Config {
+    /// Replaces AMQP_URL, DATABASE_URL and AUTH_TOKEN by the contents of
+    /// their `*_FILE` settings where those are set.
+    fn read_secret_files(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        let given = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            )
+        };
+        if let Some(path) = &self.amqp_url_file {
+            self.amqp_url = read_secret("AMQP_URL", path, given("amqp_url"))?;
+        }
+        if let Some(path) = &self.database_url_file {
+            self.database_url = read_secret("DATABASE_URL", path, given("database_url"))?;
+        }
+        if let Some(path) = &self.auth_token_file {
+            self.auth_token = Some(read_secret("AUTH_TOKEN", path, given("auth_token"))?);
+        }
+        Ok(())
+    }
+
+    /// The broker's TLS settings (the files are read and checked here).
+    /// Given with a plain `amqp://` URL they would do nothing: that is said.
+    pub fn broker_tls(
+        &self,
+    ) -> Result<sluice_actors::tls::BrokerTls, sluice_actors::tls::TlsFileError> {
+        let any = self.amqp_tls_ca.is_some()
+            || self.amqp_tls_cert.is_some()
+            || self.amqp_tls_key.is_some();
+        if any
+            && !self
+                .amqp_url
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("amqps://")
+        {
+            log::warn!(
+                "AMQP_TLS_CA/AMQP_TLS_CERT/AMQP_TLS_KEY are set but AMQP_URL is not amqps://: \
+                 the broker connection is plain text and they are not used"
+            );
+        }
+        sluice_actors::tls::BrokerTls::from_files(
+            self.amqp_tls_ca.as_deref(),
+            self.amqp_tls_cert.as_deref(),
+            self.amqp_tls_key.as_deref(),
+        )
+    }
+
     /// The `/ws` endpoint's settings.
     pub fn ws(&self) -> crate::ws::WsConfig {
         crate::ws::WsConfig {
@@ -229,6 +337,36 @@ impl Config {
             BatchingArg::Single => Batching::Single,
         }
     }
+}
+
+/// The secret in `path` for setting `name` (`NAME_FILE`): the whole file,
+/// less a trailing line break. `also_given`: `NAME` was set too.
+fn read_secret(
+    name: &str,
+    path: &std::path::Path,
+    also_given: bool,
+) -> Result<String, clap::Error> {
+    use clap::error::ErrorKind;
+    if also_given {
+        return Err(clap::Error::raw(
+            ErrorKind::ArgumentConflict,
+            format!("both {name} and {name}_FILE are set: set only one of them\n"),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        clap::Error::raw(
+            ErrorKind::Io,
+            format!("{name}_FILE={}: cannot read it: {e}\n", path.display()),
+        )
+    })?;
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.trim().is_empty() {
+        return Err(clap::Error::raw(
+            ErrorKind::InvalidValue,
+            format!("{name}_FILE={}: the file is empty\n", path.display()),
+        ));
+    }
+    Ok(value.to_owned())
 }
 
 fn parse_ws_on_full(value: &str) -> Result<WsOnFull, String> {
@@ -270,6 +408,13 @@ fn parse_dedupe(value: &str) -> Result<Dedupe, String> {
 mod tests {
     use super::*;
 
+    impl Cli {
+        fn command_for_help() -> String {
+            use clap::CommandFactory;
+            Cli::command().render_long_help().to_string()
+        }
+    }
+
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("sluice").chain(args.iter().copied()))
     }
@@ -305,6 +450,54 @@ mod tests {
             .expect_err("bad prefix")
             .to_string();
         assert!(err.contains("--amqp-prefix"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_from_both() {
+        let dir = std::env::temp_dir().join(format!("sluice-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = dir.join("amqp_url");
+        std::fs::write(&url, "amqps://app:s3cret@mq:5671/%2f\n").expect("write");
+        let token = dir.join("token");
+        std::fs::write(&token, "tok3n").expect("write");
+        let url_arg = url.display().to_string();
+        let token_arg = token.display().to_string();
+
+        let cli = Cli::load_from([
+            "sluice",
+            "--amqp-url-file",
+            &url_arg,
+            "--auth-token-file",
+            &token_arg,
+        ])
+        .expect("files are read");
+        assert_eq!(cli.service.amqp_url, "amqps://app:s3cret@mq:5671/%2f");
+        assert_eq!(cli.service.auth_token.as_deref(), Some("tok3n"));
+
+        let err = Cli::load_from([
+            "sluice",
+            "--amqp-url-file",
+            &url_arg,
+            "--amqp-url",
+            "amqp://x:y@h",
+        ])
+        .expect_err("both set")
+        .to_string();
+        assert!(err.contains("AMQP_URL and AMQP_URL_FILE"), "{err}");
+        assert!(!err.contains("x:y"), "the value is not echoed: {err}");
+
+        let err = Cli::load_from(["sluice", "--database-url-file", "/nonexistent/db"])
+            .expect_err("missing file")
+            .to_string();
+        assert!(err.contains("DATABASE_URL_FILE=/nonexistent/db"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn help_shows_no_password() {
+        let help = Cli::command_for_help();
+        assert!(!help.contains("guest:guest"), "{help}");
+        assert!(help.contains("AMQP_TLS_CA"), "{help}");
     }
 
     #[test]

@@ -3,13 +3,12 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use sluice::config::{Cli, Command};
 use sluice::startup::Application;
 use sluice::telemetry;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::load().unwrap_or_else(|err| err.exit());
     telemetry::init_logging(&cli.service.log_filter);
     let result = match cli.command {
         None | Some(Command::Serve) => actix_web::rt::System::new().block_on(serve(cli.service)),
@@ -35,8 +34,10 @@ fn load(config: &sluice::config::Config, args: &sluice::load::LoadArgs) -> anyho
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let tls = config.broker_tls()?;
     runtime.block_on(sluice::load::run(
         &config.amqp_url,
+        &tls,
         &config.amqp_prefix,
         args,
     ))?;

@@ -5,7 +5,6 @@
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use sluice_actors::tap::Tap;
 use sluice_actors::writer::{RetrySettings, Writer};
 
 use crate::config::Config;
+use crate::database::DatabaseTarget;
 use crate::routes;
 use crate::ws::{self, WsState};
 
@@ -55,8 +55,10 @@ impl Application {
     /// Connects to the database (migrating it), starts every actor and binds
     /// the HTTP server. Must run inside an actix `System`.
     pub async fn build(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Application> {
-        let pool = connect_database(&config).await?;
-        migrate(&pool).await?;
+        let database = DatabaseTarget::parse(&config.database_url)?;
+        let pool = connect_database(&config, &database)?;
+        migrate(&pool, &database).await?;
+        let broker_tls = config.broker_tls()?;
 
         let live_arbiter = Arbiter::new();
         let dropped_copies = DroppedCopies::default();
@@ -98,6 +100,7 @@ impl Application {
         let broker = BrokerStatus::default();
         let consumer_settings = ConsumerSettings {
             amqp_url: config.amqp_url.clone(),
+            tls: broker_tls,
             topology: Topology::new(&config.amqp_prefix),
             prefetch: config.amqp_prefetch,
             quorum: config.amqp_quorum,
@@ -213,15 +216,12 @@ impl std::fmt::Debug for Application {
     }
 }
 
-/// The writers' pool (plus two connections for `/readyz` and migrations).
-async fn connect_database(config: &Config) -> anyhow::Result<Pool> {
-    let mut pg = tokio_postgres::Config::from_str(&config.database_url)
-        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    pg.connect_timeout(Duration::from_secs(5));
-    pg.application_name("sluice");
+/// The writers' pool (plus two connections for `/readyz` and migrations),
+/// over TLS as `sslmode` in DATABASE_URL asks.
+fn connect_database(config: &Config, database: &DatabaseTarget) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
-        pg,
-        tokio_postgres::NoTls,
+        database.pool_config(),
+        database.connector()?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -237,8 +237,8 @@ async fn connect_database(config: &Config) -> anyhow::Result<Pool> {
 }
 
 /// Applies the migrations in `migrations/`, waiting up to a minute for the
-/// database to come up.
-async fn migrate(pool: &Pool) -> anyhow::Result<()> {
+/// database to come up (but not for a certificate it refused).
+async fn migrate(pool: &Pool, database: &DatabaseTarget) -> anyhow::Result<()> {
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(5))
@@ -248,12 +248,18 @@ async fn migrate(pool: &Pool) -> anyhow::Result<()> {
     let mut client = loop {
         match pool.get().await {
             Ok(client) => break client,
+            Err(err) if DatabaseTarget::is_certificate_error(&err) => {
+                bail!("{}", database.describe_error(&err))
+            }
             Err(err) => match delays.next() {
                 Some(delay) => {
-                    log::warn!("database unavailable ({err}); retrying in {delay:?}");
+                    log::warn!(
+                        "database unavailable ({}); retrying in {delay:?}",
+                        database.describe_error(&err)
+                    );
                     tokio::time::sleep(delay).await;
                 }
-                None => return Err(err).context("cannot connect to the database (DATABASE_URL)"),
+                None => bail!("{}", database.describe_error(&err)),
             },
         }
     };

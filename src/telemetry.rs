@@ -6,16 +6,18 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Initialises `env_logger` with the configured filter (`RUST_LOG`).
 /// lapin logs every connection's I/O loop span at `info` through `tracing`;
-/// that line is noise unless asked for explicitly.
+/// that line is noise unless asked for explicitly. Nothing may print a
+/// password, whatever the filter.
 pub fn init_logging(filter: &str) {
     let mut builder = env_logger::Builder::new();
     if !filter.contains("tracing") {
         builder.filter_module("tracing::span", log::LevelFilter::Warn);
     }
-    builder
-        .parse_filters(filter)
-        .format_timestamp_millis()
-        .init();
+    builder.parse_filters(filter);
+    // amq-protocol-tcp's only log line is a `trace` of the whole AMQP URI,
+    // password included: never let a filter turn it on.
+    builder.filter_module("amq_protocol_tcp", log::LevelFilter::Off);
+    builder.format_timestamp_millis().init();
 }
 
 /// Latency buckets, in seconds: 100 µs to 30 s, fine around the milliseconds

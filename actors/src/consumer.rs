@@ -70,8 +70,10 @@ impl Topology {
 /// The Consumer's settings.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    /// `amqp://user:pass@host:port/vhost`.
+    /// `amqp://user:pass@host:port/vhost` (or `amqps://`).
     pub amqp_url: String,
+    /// Certificates for `amqps://` URLs.
+    pub tls: crate::tls::BrokerTls,
     /// Names of the exchanges and queues.
     pub topology: Topology,
     /// Deliveries the broker may have outstanding (unacked) at once.
@@ -494,9 +496,9 @@ async fn open(
     // Named after the topology, so an operator can tell deployments apart.
     let name = format!("sluice {}", t.exchange);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connection = Connection::connect(&settings.amqp_url, properties)
+    let connection = crate::tls::connect_broker(&settings.amqp_url, &settings.tls, properties)
         .await
-        .map_err(|e| format!("cannot connect to the broker (AMQP_URL): {e}"))?;
+        .map_err(|e| e.to_string())?;
     let channel = connection
         .create_channel()
         .await

@@ -10,6 +10,8 @@
 //! - [`writer`]: the Writer actor and the [`store::Store`] it writes through.
 //! - [`store`]: the `Store` trait and its PostgreSQL implementation.
 //! - [`observable`], [`observer`], [`topic`]: the live path to WebSocket clients.
+//! - [`tls`]: connecting to the broker (`amqp://`, `amqps://`), and naming
+//!   the cause of a failed TLS handshake; [`redact`]: passwords out of URLs.
 //! - [`internal_events`]: one struct per thing worth counting; `emit()` logs and records.
 //!
 //! Architecture invariant: this crate knows nothing about HTTP routing or
@@ -22,9 +24,11 @@ pub mod messages;
 pub mod observable;
 pub mod observer;
 pub mod queue;
+pub mod redact;
 pub mod settlement;
 pub mod store;
 pub mod tap;
+pub mod tls;
 pub mod topic;
 pub mod writer;
 
