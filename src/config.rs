@@ -160,6 +160,12 @@ pub struct Config {
     /// and acked before exiting anyway (unacked ones are redelivered).
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    // Your own table (issue 13).
+    /// A TOML file mapping each message to a row of an existing table (see
+    /// "Your own table" in the README). Unset: rows go to Sluice's `events`.
+    #[arg(long, env = "MAPPING")]
+    pub mapping: Option<std::path::PathBuf>,
 }
 
 /// `QUEUE_ON_FULL` values.

@@ -17,14 +17,16 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_actors::consumer::{BrokerStatus, Consumer, ConsumerSettings, Shutdown, Topology};
 use sluice_actors::event::Limits;
+use sluice_actors::mapped_store::MappedStore;
 use sluice_actors::messages::{DroppedCopies, LiveBacklog};
 use sluice_actors::observable::Observable;
 use sluice_actors::queue::{Queue, QueueSettings};
-use sluice_actors::store::PgStore;
+use sluice_actors::store::{PgStore, Store};
 use sluice_actors::tap::Tap;
 use sluice_actors::writer::{RetrySettings, Writer};
 
 use crate::config::Config;
+use crate::mapping;
 use crate::routes;
 use crate::ws::{self, WsState};
 
@@ -55,8 +57,27 @@ impl Application {
     /// Connects to the database (migrating it), starts every actor and binds
     /// the HTTP server. Must run inside an actix `System`.
     pub async fn build(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Application> {
+        let mapping = config.mapping.as_deref().map(mapping::load).transpose()?;
         let pool = connect_database(&config).await?;
         migrate(&pool).await?;
+        let store: Arc<dyn Store> = match mapping {
+            Some(mapping) => {
+                let client = pool.get().await.context("connecting to check MAPPING")?;
+                mapping::check(&client, &mapping).await.with_context(|| {
+                    format!(
+                        "MAPPING: the table does not fit the mapping in {}",
+                        mapping_path(&config)
+                    )
+                })?;
+                log::info!(
+                    "writing into table {} ({} mapped columns)",
+                    mapping.table,
+                    mapping.columns.len()
+                );
+                Arc::new(MappedStore::new(pool.clone(), mapping))
+            }
+            None => Arc::new(PgStore::new(pool.clone())),
+        };
 
         let live_arbiter = Arbiter::new();
         let dropped_copies = DroppedCopies::default();
@@ -118,7 +139,6 @@ impl Application {
             })
         };
 
-        let store = Arc::new(PgStore::new(pool.clone()));
         for id in 0..writers {
             Writer::new(
                 id,
@@ -211,6 +231,14 @@ impl std::fmt::Debug for Application {
             .field("http_addr", &self.http_addr)
             .finish_non_exhaustive()
     }
+}
+
+/// The mapping file's path, for messages.
+fn mapping_path(config: &Config) -> String {
+    config
+        .mapping
+        .as_deref()
+        .map_or_else(String::new, |p| p.display().to_string())
 }
 
 /// The writers' pool (plus two connections for `/readyz` and migrations).
