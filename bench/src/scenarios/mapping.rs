@@ -1,0 +1,137 @@
+//! Scenario "mapping": the backlog drain written into a user's own table
+//! through a 5-column `--mapping`, against the same drain into Sluice's
+//! `events` table, measured in the same run: the ratio is the cost of the
+//! mapping (each body parsed once, JSON rows cast by PostgreSQL).
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context as _};
+
+use crate::rig::{Rig, Strategy, BATCH_SIZE};
+use crate::scenarios::drain::{drain, prepare_backlog};
+use crate::{say, Bench, DrainResult, MappingResult};
+
+/// The user's table: five typed columns, keyed by the message id.
+const TABLE: &str = "
+CREATE TABLE readings (
+    msg_id      text PRIMARY KEY,
+    topic       text NOT NULL,
+    sensor      int NOT NULL,
+    value       double precision,
+    received_at timestamptz NOT NULL
+)";
+
+/// The mapping: two properties, two JSON pointers, the receive time.
+const MAPPING: &str = r#"
+table = "readings"
+conflict = ["msg_id"]
+
+[columns]
+msg_id      = "message_id"
+topic       = "routing_key"
+sensor      = "/sensor"
+value       = "/value"
+received_at = "received_at"
+"#;
+
+/// Drain the same backlog into `events`, then into the mapped table.
+pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
+    let n = bench.scale.drain_messages;
+    let timeout = Duration::from_secs(600);
+
+    say(format!(
+        "mapping: {n} pre-filled messages into `events` (the baseline)"
+    ));
+    let mut rig = Rig::new(&bench.bin, Strategy::Adaptive, false, &[]).await?;
+    let measured = drain(&mut rig, n, timeout).await;
+    rig.finish().await;
+    let default = measured?;
+    say(format!(
+        "  events: {:.0} msgs/s, mean batch {:.0}, peak RSS {:.0} MB",
+        default.rate,
+        default.mean_batch.unwrap_or(0.0),
+        default.peak_rss_mb.unwrap_or(0.0)
+    ));
+
+    say(format!(
+        "mapping: {n} pre-filled messages into a 5-column table"
+    ));
+    let file = std::env::temp_dir().join(format!(
+        "sluice-bench-mapping-{}.toml",
+        sluice_testkit::random_suffix()
+    ));
+    std::fs::write(&file, MAPPING).context("writing the mapping file")?;
+    let env = [("MAPPING", file.display().to_string())];
+    let mut rig = Rig::new(&bench.bin, Strategy::Adaptive, false, &env).await?;
+    rig.db.execute(TABLE).await;
+    let measured = drain_mapped(&mut rig, n, timeout).await;
+    rig.finish().await;
+    let _ = std::fs::remove_file(&file);
+    let mapped = measured?;
+    let ratio = mapped.rate / default.rate.max(1e-9);
+    say(format!(
+        "  readings: {:.0} msgs/s, mean batch {:.0}, peak RSS {:.0} MB; {ratio:.2}× the \
+         default table's rate",
+        mapped.rate,
+        mapped.mean_batch.unwrap_or(0.0),
+        mapped.peak_rss_mb.unwrap_or(0.0)
+    ));
+    bench.note(format!(
+        "mapping: draining {n} messages into a 5-column mapped table ran at {:.0} msgs/s \
+         (peak RSS {:.0} MB), against {:.0} msgs/s (peak RSS {:.0} MB) into `events` in the \
+         same run: {ratio:.2}×",
+        mapped.rate,
+        mapped.peak_rss_mb.unwrap_or(0.0),
+        default.rate,
+        default.peak_rss_mb.unwrap_or(0.0)
+    ));
+    bench.results.mapping = Some(MappingResult {
+        default,
+        mapped,
+        ratio,
+    });
+    Ok(())
+}
+
+/// [`drain`] into the mapped table: pre-fill `n`, start, wait for the rows.
+async fn drain_mapped(rig: &mut Rig, n: u64, timeout: Duration) -> anyhow::Result<DrainResult> {
+    prepare_backlog(rig, n).await?;
+    let spawned_at = SystemTime::now();
+    let started = Instant::now();
+    rig.start().await?;
+    let target = i64::try_from(n).unwrap_or(i64::MAX);
+    let deadline = started + timeout;
+    loop {
+        let stored = rig.db.try_count_rows("readings").await.unwrap_or(0);
+        if stored >= target {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("only {stored} of {n} rows stored in the mapped table in time");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let wall = started.elapsed();
+    let done_at = SystemTime::now();
+    let first_received: SystemTime = rig
+        .db
+        .query_scalar("SELECT min(received_at) FROM readings", &[])
+        .await;
+    let startup = first_received
+        .duration_since(spawned_at)
+        .unwrap_or_default();
+    let busy = done_at
+        .duration_since(first_received)
+        .unwrap_or_else(|_| wall.saturating_sub(startup));
+    let batches = rig.scrape().await?.histogram(BATCH_SIZE);
+    Ok(DrainResult {
+        messages: n,
+        wall,
+        busy,
+        rate: n as f64 / busy.as_secs_f64().max(1e-6),
+        peak_rss_mb: rig.peak_rss_mb(),
+        mean_batch: batches.mean(),
+        broker_ceiling: None,
+        left_in_queue: None,
+    })
+}
