@@ -273,3 +273,53 @@ async fn a_value_that_cannot_be_cast_is_dead_lettered_with_its_column() {
     assert_eq!(app.ingest_ready().await, 0);
     app.cleanup().await;
 }
+
+#[actix_web::test]
+async fn a_row_outside_every_partition_is_dead_lettered_and_the_rest_stored() {
+    let ddl = "
+        CREATE TABLE daily (sensor int, taken_at timestamptz NOT NULL, UNIQUE (sensor, taken_at))
+            PARTITION BY RANGE (taken_at);
+        CREATE TABLE daily_20260101 PARTITION OF daily
+            FOR VALUES FROM ('2026-01-01 00:00+00') TO ('2026-01-02 00:00+00');";
+    let mapping = MappingFile::new(
+        "table = \"daily\"\nconflict = [\"sensor\", \"taken_at\"]\n\
+         [columns]\nsensor = \"/sensor\"\ntaken_at = \"/ts\"\n",
+    );
+    let app = spawn_app_with(database_with(ddl).await, &[mapping.env()]).await;
+    // Readings 0..1440 fall on 2026-01-01; reading 1500 on the next day.
+    let mut messages: Vec<_> = (0..20).map(|i| reading("in", i)).collect();
+    messages.push(reading("late", 1500));
+    messages.extend((20..40).map(|i| reading("in", i)));
+    publish_all(&app, &messages).await;
+
+    wait_table_rows(&app.db, "daily", 40).await;
+    let letters = app.take_dead_letters(1).await;
+    assert_eq!(letters[0].message_id().as_deref(), Some("late-1500"));
+    let detail = letters[0].header_str("x-sluice-detail").expect("detail");
+    assert!(detail.contains("no partition"), "{detail}");
+    assert_eq!(app.terminate(), Some(0));
+    assert_eq!(app.ingest_ready().await, 0);
+    app.cleanup().await;
+}
+
+#[actix_web::test]
+async fn at_least_once_writes_into_a_table_without_a_unique_key() {
+    let mapping = MappingFile::new(
+        "table = \"log\"\nat_least_once = true\n[columns]\nkey = \"routing_key\"\nbody = \"payload\"\n",
+    );
+    let app = spawn_app_with(
+        database_with("CREATE TABLE log (key text, body jsonb)").await,
+        &[mapping.env()],
+    )
+    .await;
+    let messages: Vec<_> = (0..50).map(|i| reading("l", i)).collect();
+    publish_all(&app, &messages).await;
+    wait_table_rows(&app.db, "log", 50).await;
+    let sensors: i64 = app
+        .db
+        .query_scalar("SELECT sum((body->>'sensor')::int)::bigint FROM log", &[])
+        .await;
+    assert_eq!(sensors, 49 * 50 / 2, "the whole body is stored as jsonb");
+    assert_eq!(app.terminate(), Some(0));
+    app.cleanup().await;
+}
