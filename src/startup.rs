@@ -17,7 +17,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_actors::consumer::{BrokerStatus, Consumer, ConsumerSettings, Shutdown, Topology};
 use sluice_actors::event::Limits;
-use sluice_actors::mapped_store::MappedStore;
+use sluice_actors::mapped_store::{MappedStore, TableMapping};
 use sluice_actors::messages::{DroppedCopies, LiveBacklog};
 use sluice_actors::observable::Observable;
 use sluice_actors::queue::{Queue, QueueSettings};
@@ -60,24 +60,7 @@ impl Application {
         let mapping = config.mapping.as_deref().map(mapping::load).transpose()?;
         let pool = connect_database(&config).await?;
         migrate(&pool).await?;
-        let store: Arc<dyn Store> = match mapping {
-            Some(mapping) => {
-                let client = pool.get().await.context("connecting to check MAPPING")?;
-                mapping::check(&client, &mapping).await.with_context(|| {
-                    format!(
-                        "MAPPING: the table does not fit the mapping in {}",
-                        mapping_path(&config)
-                    )
-                })?;
-                log::info!(
-                    "writing into table {} ({} mapped columns)",
-                    mapping.table,
-                    mapping.columns.len()
-                );
-                Arc::new(MappedStore::new(pool.clone(), mapping))
-            }
-            None => Arc::new(PgStore::new(pool.clone())),
-        };
+        let store = writers_store(&config, &pool, mapping).await?;
 
         let live_arbiter = Arbiter::new();
         let dropped_copies = DroppedCopies::default();
@@ -233,12 +216,33 @@ impl std::fmt::Debug for Application {
     }
 }
 
-/// The mapping file's path, for messages.
-fn mapping_path(config: &Config) -> String {
-    config
+/// Where the writers write: Sluice's `events` table, or the user's own
+/// table once the mapping has been checked against it.
+async fn writers_store(
+    config: &Config,
+    pool: &Pool,
+    mapping: Option<TableMapping>,
+) -> anyhow::Result<Arc<dyn Store>> {
+    let Some(mapping) = mapping else {
+        return Ok(Arc::new(PgStore::new(pool.clone())));
+    };
+    let client = pool.get().await.context("connecting to check MAPPING")?;
+    let path = config
         .mapping
         .as_deref()
-        .map_or_else(String::new, |p| p.display().to_string())
+        .unwrap_or(std::path::Path::new(""));
+    mapping::check(&client, &mapping).await.with_context(|| {
+        format!(
+            "MAPPING: the table does not fit the mapping in {}",
+            path.display()
+        )
+    })?;
+    log::info!(
+        "writing into table {} ({} mapped columns)",
+        mapping.table,
+        mapping.columns.len()
+    );
+    Ok(Arc::new(MappedStore::new(pool.clone(), mapping)))
 }
 
 /// The writers' pool (plus two connections for `/readyz` and migrations).
