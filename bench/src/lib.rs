@@ -1,7 +1,7 @@
 //! Sluice's benchmarks, on the real RabbitMQ and PostgreSQL: the broker's
 //! and the database's own ceilings, a backlog drain, latency against offered
-//! load for the three batching strategies, a slow (remote-like) database, and
-//! WebSocket fan-out. Each scenario measures its own baseline in the same run.
+//! load for the three batching strategies, a slow (remote-like) database,
+//! WebSocket fan-out, and the drain into a user's own table (`--mapping`). Each scenario measures its own baseline in the same run.
 //!
 //! The binary (`cargo run --release -p sluice-bench -- [scenario] [--quick]`)
 //! prints a table, writes CSV files and an SVG plot under `target/bench/`.
