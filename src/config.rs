@@ -196,6 +196,12 @@ pub struct Config {
     /// `amqps://` only: the PEM private key of AMQP_TLS_CERT.
     #[arg(long, env = "AMQP_TLS_KEY")]
     pub amqp_tls_key: Option<PathBuf>,
+
+    // Your own table (issue 13).
+    /// A TOML file mapping each message to a row of an existing table (see
+    /// "Your own table" in the README). Unset: rows go to Sluice's `events`.
+    #[arg(long, env = "MAPPING")]
+    pub mapping: Option<std::path::PathBuf>,
 }
 
 /// `QUEUE_ON_FULL` values.

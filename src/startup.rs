@@ -16,15 +16,17 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_actors::consumer::{BrokerStatus, Consumer, ConsumerSettings, Shutdown, Topology};
 use sluice_actors::event::Limits;
+use sluice_actors::mapped_store::{MappedStore, TableMapping};
 use sluice_actors::messages::{DroppedCopies, LiveBacklog};
 use sluice_actors::observable::Observable;
 use sluice_actors::queue::{Queue, QueueSettings};
-use sluice_actors::store::PgStore;
+use sluice_actors::store::{PgStore, Store};
 use sluice_actors::tap::Tap;
 use sluice_actors::writer::{RetrySettings, Writer};
 
 use crate::config::Config;
 use crate::database::DatabaseTarget;
+use crate::mapping;
 use crate::routes;
 use crate::ws::{self, WsState};
 
@@ -55,9 +57,11 @@ impl Application {
     /// Connects to the database (migrating it), starts every actor and binds
     /// the HTTP server. Must run inside an actix `System`.
     pub async fn build(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Application> {
+        let mapping = config.mapping.as_deref().map(mapping::load).transpose()?;
         let database = DatabaseTarget::parse(&config.database_url)?;
         let pool = connect_database(&config, &database)?;
         migrate(&pool, &database).await?;
+        let store = writers_store(&config, &pool, mapping).await?;
         let broker_tls = config.broker_tls()?;
 
         let live_arbiter = Arbiter::new();
@@ -121,7 +125,6 @@ impl Application {
             })
         };
 
-        let store = Arc::new(PgStore::new(pool.clone()));
         for id in 0..writers {
             Writer::new(
                 id,
@@ -214,6 +217,35 @@ impl std::fmt::Debug for Application {
             .field("http_addr", &self.http_addr)
             .finish_non_exhaustive()
     }
+}
+
+/// Where the writers write: Sluice's `events` table, or the user's own
+/// table once the mapping has been checked against it.
+async fn writers_store(
+    config: &Config,
+    pool: &Pool,
+    mapping: Option<TableMapping>,
+) -> anyhow::Result<Arc<dyn Store>> {
+    let Some(mapping) = mapping else {
+        return Ok(Arc::new(PgStore::new(pool.clone())));
+    };
+    let client = pool.get().await.context("connecting to check MAPPING")?;
+    let path = config
+        .mapping
+        .as_deref()
+        .unwrap_or(std::path::Path::new(""));
+    mapping::check(&client, &mapping).await.with_context(|| {
+        format!(
+            "MAPPING: the table does not fit the mapping in {}",
+            path.display()
+        )
+    })?;
+    log::info!(
+        "writing into table {} ({} mapped columns)",
+        mapping.table,
+        mapping.columns.len()
+    );
+    Ok(Arc::new(MappedStore::new(pool.clone(), mapping)))
 }
 
 /// The writers' pool (plus two connections for `/readyz` and migrations),

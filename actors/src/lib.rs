@@ -9,6 +9,8 @@
 //! - [`queue`]: the Queue actor (adaptive batching, overload policies).
 //! - [`writer`]: the Writer actor and the [`store::Store`] it writes through.
 //! - [`store`]: the `Store` trait and its PostgreSQL implementation.
+//! - [`mapped_store`]: a `Store` writing into the user's own table through a
+//!   [`mapped_store::TableMapping`].
 //! - [`observable`], [`observer`], [`topic`]: the live path to WebSocket clients.
 //! - [`tls`]: connecting to the broker (`amqp://`, `amqps://`), and naming
 //!   the cause of a failed TLS handshake; [`redact`]: passwords out of URLs.
@@ -20,6 +22,7 @@
 pub mod consumer;
 pub mod event;
 pub mod internal_events;
+pub mod mapped_store;
 pub mod messages;
 pub mod observable;
 pub mod observer;

@@ -1,7 +1,7 @@
 //! Sluice's benchmarks, on the real RabbitMQ and PostgreSQL: the broker's
 //! and the database's own ceilings, a backlog drain, latency against offered
-//! load for the three batching strategies, a slow (remote-like) database, and
-//! WebSocket fan-out. Each scenario measures its own baseline in the same run.
+//! load for the three batching strategies, a slow (remote-like) database,
+//! WebSocket fan-out, and the drain into a user's own table (`--mapping`). Each scenario measures its own baseline in the same run.
 //!
 //! The binary (`cargo run --release -p sluice-bench -- [scenario] [--quick]`)
 //! prints a table, writes CSV files and an SVG plot under `target/bench/`.
@@ -31,16 +31,19 @@ pub enum Scenario {
     SlowDb,
     /// 200 WebSocket clients, 20 of which never read.
     Fanout,
+    /// The drain into a user's own table through `--mapping`, against `events`.
+    Mapping,
 }
 
 impl Scenario {
     /// All of them, in order.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Ceiling,
         Scenario::Drain,
         Scenario::Latency,
         Scenario::SlowDb,
         Scenario::Fanout,
+        Scenario::Mapping,
     ];
 
     /// The command-line name.
@@ -51,6 +54,7 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::SlowDb => "slowdb",
             Scenario::Fanout => "fanout",
+            Scenario::Mapping => "mapping",
         }
     }
 
@@ -180,6 +184,20 @@ pub struct Results {
     pub fanout: Option<FanoutResult>,
     /// Remarks for the reader (what limited a figure, what went wrong).
     pub notes: Vec<String>,
+    /// The drain into a mapped table against the default one.
+    pub mapping: Option<MappingResult>,
+}
+
+/// The drain into a user's table through a 5-column mapping, and the same
+/// drain into `events` in the same run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappingResult {
+    /// Into `events`.
+    pub default: DrainResult,
+    /// Into the mapped table.
+    pub mapped: DrainResult,
+    /// `mapped.rate / default.rate`.
+    pub ratio: f64,
 }
 
 /// The backlog drain.
@@ -315,6 +333,7 @@ impl Bench {
             Scenario::Latency => scenarios::latency::run(self).await,
             Scenario::SlowDb => scenarios::slowdb::run(self).await,
             Scenario::Fanout => scenarios::fanout::run(self).await,
+            Scenario::Mapping => scenarios::mapping::run(self).await,
         }
     }
 
