@@ -32,6 +32,10 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
+/// The key of the PostgreSQL advisory lock held while migrating (an arbitrary
+/// constant: "sluice" in ASCII). Every instance of every version uses it.
+const MIGRATION_LOCK: i64 = 0x736c_7569_6365;
+
 /// Most deliveries handed to the Tap in one message.
 const CHUNK: usize = 512;
 
@@ -245,7 +249,7 @@ async fn migrate(pool: &Pool) -> anyhow::Result<()> {
         .with_total_delay(Some(Duration::from_secs(60)))
         .with_jitter()
         .build();
-    let mut client = loop {
+    let client = loop {
         match pool.get().await {
             Ok(client) => break client,
             Err(err) => match delays.next() {
@@ -257,11 +261,31 @@ async fn migrate(pool: &Pool) -> anyhow::Result<()> {
             },
         }
     };
+    // Migrations run under a session-level advisory lock held on the very
+    // connection refinery uses, so instances started together take turns:
+    // the first applies, the others then find nothing to do. (Without it,
+    // two concurrent `CREATE TABLE IF NOT EXISTS refinery_schema_history`
+    // race on the catalogue and one fails with a duplicate `pg_type` key.)
+    // The connection is taken out of the pool, so whatever happens below,
+    // closing it releases the lock; it is never handed to a writer still
+    // holding it.
+    let mut client = deadpool_postgres::Object::take(client);
     let client: &mut tokio_postgres::Client = &mut client;
+    log::info!("waiting for the migration lock");
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("taking the migration lock (pg_advisory_lock)")?;
     let report = embedded::migrations::runner()
         .run_async(client)
         .await
-        .context("applying database migrations")?;
+        .context("applying database migrations");
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("releasing the migration lock (pg_advisory_unlock)");
+    let report = report?;
+    unlocked?;
     for migration in report.applied_migrations() {
         log::info!("applied migration {migration}");
     }
