@@ -160,6 +160,12 @@ pub struct Config {
     /// and acked before exiting anyway (unacked ones are redelivered).
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    // --- Several instances (issue 10): naming, the live feed, resume ---
+    /// This instance's name in logs, in the `sluice_instance` label of every
+    /// metric, in `/api/stats` and on the dashboard. Default: the host name.
+    #[arg(long, env = "INSTANCE_NAME", value_parser = parse_instance_name)]
+    pub instance_name: Option<String>,
 }
 
 /// `QUEUE_ON_FULL` values.
@@ -218,6 +224,18 @@ impl Config {
         }
     }
 
+    /// `INSTANCE_NAME`, or the host name when it is not set (`sluice` if
+    /// even that cannot be read).
+    pub fn instance(&self) -> String {
+        self.instance_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|name| name.into_string().ok())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "sluice".to_owned())
+        })
+    }
+
     /// The dispatch strategy these settings describe.
     pub fn batching(&self) -> Batching {
         match self.batching {
@@ -250,6 +268,19 @@ fn parse_prefix(value: &str) -> Result<String, String> {
         Ok(value.to_owned())
     } else {
         Err("expected 1 to 200 characters among letters, digits, `.`, `_` and `-`".into())
+    }
+}
+
+fn parse_instance_name(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err("expected 1 to 64 characters among letters, digits, `.`, `_` and `-`".into())
     }
 }
 
@@ -305,6 +336,21 @@ mod tests {
             .expect_err("bad prefix")
             .to_string();
         assert!(err.contains("--amqp-prefix"), "{err}");
+    }
+
+    #[test]
+    fn the_instance_name_defaults_to_the_host_name_and_is_checked() {
+        let c = parse(&[]).expect("defaults parse").service;
+        let host = nix::unistd::gethostname().expect("host name");
+        assert_eq!(c.instance(), host.to_string_lossy());
+        let c = parse(&["--instance-name", "web-2"])
+            .expect("parses")
+            .service;
+        assert_eq!(c.instance(), "web-2");
+        let err = parse(&["--instance-name", "a b"])
+            .expect_err("spaces are refused")
+            .to_string();
+        assert!(err.contains("--instance-name"), "{err}");
     }
 
     #[test]

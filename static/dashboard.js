@@ -297,6 +297,12 @@
 
   function render(stats) {
     const p = stats.pipeline;
+    // Which replica this page talks to (INSTANCE_NAME): with several behind
+    // a load balancer, the figures below are this one's own.
+    if (stats.instance) {
+      setText("instance", stats.instance);
+      body.dataset.instance = stats.instance;
+    }
     const t = stats.taken_at_ms / 1000;
     const stored = counterTotal(stats, "sluice_events_stored_total");
     const received = counterTotal(stats, "sluice_events_received_total");

@@ -26,6 +26,27 @@ async fn three_instances_started_at_once_on_an_empty_database_all_become_ready()
         .filter(|node| node.logs().contains("applied migration"))
         .count();
     assert_eq!(applied_by, 1, "exactly one instance applied the migration");
+    // Each instance names itself in its logs, its metrics and its stats.
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let name = format!("node-{i}");
+        let line = node.wait_for_log("listening on", PATIENCE);
+        assert!(line.contains(&format!(" {name} ")), "{line}");
+        let (_, metrics) = get(&format!("{}/metrics", node.base_url())).await;
+        let label = format!("sluice_instance=\"{name}\"");
+        let samples: Vec<&str> = metrics
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .collect();
+        assert!(!samples.is_empty());
+        for sample in samples {
+            assert!(sample.contains(&label), "{sample}");
+        }
+        let (status, stats) = get(&format!("{}/api/stats", node.base_url())).await;
+        assert_eq!(status, 200);
+        let stats: serde_json::Value = serde_json::from_str(&stats).expect("JSON");
+        assert_eq!(stats["instance"], name.as_str());
+        assert!(stats["gauges"].get("sluice_writers").is_some(), "{stats}");
+    }
     // And the service works: each event stored once.
     cluster.publish("s", 300).await;
     cluster.wait_rows(300).await;
