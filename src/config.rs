@@ -166,6 +166,41 @@ pub struct Config {
     /// metric, in `/api/stats` and on the dashboard. Default: the host name.
     #[arg(long, env = "INSTANCE_NAME", value_parser = parse_instance_name)]
     pub instance_name: Option<String>,
+
+    /// Where dashboards' events come from: `local` (this instance's own
+    /// deliveries) or `stream` (every instance's, through the RabbitMQ
+    /// stream `P.live`, in one order: set it on every instance).
+    #[arg(long, env = "LIVE_FEED", value_enum, default_value_t = LiveFeedArg::Local)]
+    pub live_feed: LiveFeedArg,
+
+    /// Recent events kept in memory for clients that resume (`/ws?since=`)
+    /// or open with the last few (`/ws?last=`); 0 keeps none.
+    #[arg(long, env = "LIVE_HISTORY", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub live_history: u32,
+
+    /// `stream` feed: how long `P.live` keeps events (whole segments are
+    /// removed once older; e.g. `1h`). Applies when the stream is created.
+    #[arg(long, env = "LIVE_STREAM_MAX_AGE", default_value = "1h", value_parser = parse_duration)]
+    pub live_stream_max_age: Duration,
+
+    /// `stream` feed: most bytes `P.live` keeps. Applies when the stream is created.
+    #[arg(long, env = "LIVE_STREAM_MAX_BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..))]
+    pub live_stream_max_bytes: u64,
+
+    /// `stream` feed: publishes to `P.live` not yet confirmed by the broker,
+    /// at most; past it, copies are dropped and counted (never waited for).
+    #[arg(long, env = "LIVE_STREAM_MAX_UNCONFIRMED", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub live_stream_max_unconfirmed: u32,
+}
+
+/// `LIVE_FEED` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LiveFeedArg {
+    /// This instance's own deliveries; positions are this instance's own.
+    Local,
+    /// Every instance's deliveries through the RabbitMQ stream `P.live`;
+    /// positions are stream offsets, the same on every instance.
+    Stream,
 }
 
 /// `QUEUE_ON_FULL` values.

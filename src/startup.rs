@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::str::FromStr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,11 +66,12 @@ impl Application {
         let live_arbiter = Arbiter::new();
         let dropped_copies = DroppedCopies::default();
         let upstream_drops = dropped_copies.clone();
-        let observable = Observable::start_in_arbiter(&live_arbiter.handle(), |ctx| {
+        let history = config.live_history as usize;
+        let observable = Observable::start_in_arbiter(&live_arbiter.handle(), move |ctx| {
             // Small chunks are many messages; memory is bounded in events by
             // the Tap's LiveBacklog instead.
             ctx.set_mailbox_capacity(1024);
-            Observable::with_upstream(upstream_drops)
+            Observable::with_upstream(upstream_drops).with_history(history)
         });
         let ws = web::Data::new(WsState::new(config.ws(), observable.clone()));
         let observers = ws.connected.clone();
@@ -88,12 +90,19 @@ impl Application {
             ctx.set_mailbox_capacity(writers + 4);
             Queue::new(queue_settings)
         });
+        // The Tap copies while anyone watches. With a history ring, the ring
+        // always watches: it counts as one standing observer.
+        let copy_demand = if config.live_history > 0 {
+            Arc::new(AtomicUsize::new(1))
+        } else {
+            observers.clone()
+        };
         let tap = Tap::create(|ctx| {
             ctx.set_mailbox_capacity(2);
             Tap::new(
                 queue.clone().recipient(),
                 observable.clone().recipient(),
-                observers.clone(),
+                copy_demand,
                 LiveBacklog::new(LIVE_BACKLOG_EVENTS),
                 dropped_copies,
             )

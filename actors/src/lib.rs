@@ -10,6 +10,7 @@
 //! - [`writer`]: the Writer actor and the [`store::Store`] it writes through.
 //! - [`store`]: the `Store` trait and its PostgreSQL implementation.
 //! - [`observable`], [`observer`], [`topic`]: the live path to WebSocket clients.
+//! - [`history`]: the ring of recent events by position, for clients that resume.
 //! - [`internal_events`]: one struct per thing worth counting; `emit()` logs and records.
 //!
 //! Architecture invariant: this crate knows nothing about HTTP routing or
@@ -17,6 +18,7 @@
 
 pub mod consumer;
 pub mod event;
+pub mod history;
 pub mod internal_events;
 pub mod messages;
 pub mod observable;

@@ -4,8 +4,10 @@
 //! one by one, and every dashboard sees every event of every instance.
 //! Each test has its own database and AMQP prefix, so they run in parallel.
 
+mod client;
 #[path = "../common/mod.rs"]
 mod common;
 mod datastore;
 mod helpers;
+mod resume;
 mod startup;
