@@ -18,14 +18,15 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_actors::consumer::{BrokerStatus, Consumer, ConsumerSettings, Shutdown, Topology};
 use sluice_actors::event::Limits;
-use sluice_actors::messages::{DroppedCopies, LiveBacklog};
+use sluice_actors::live_feed::{self, publisher::FeedPublisher, FeedSettings};
+use sluice_actors::messages::{DroppedCopies, LiveBacklog, Publish};
 use sluice_actors::observable::Observable;
 use sluice_actors::queue::{Queue, QueueSettings};
 use sluice_actors::store::PgStore;
 use sluice_actors::tap::Tap;
 use sluice_actors::writer::{RetrySettings, Writer};
 
-use crate::config::Config;
+use crate::config::{Config, LiveFeedArg};
 use crate::routes;
 use crate::ws::{self, WsState};
 
@@ -67,14 +68,42 @@ impl Application {
         let dropped_copies = DroppedCopies::default();
         let upstream_drops = dropped_copies.clone();
         let history = config.live_history as usize;
+        let stream_feed = config.live_feed == LiveFeedArg::Stream;
         let observable = Observable::start_in_arbiter(&live_arbiter.handle(), move |ctx| {
             // Small chunks are many messages; memory is bounded in events by
             // the Tap's LiveBacklog instead.
             ctx.set_mailbox_capacity(1024);
-            Observable::with_upstream(upstream_drops).with_history(history)
+            if stream_feed {
+                // The Tap's drops are numbered by the feed publisher and come
+                // back, from the stream, as gaps in this instance's sequence.
+                Observable::new().with_history(history)
+            } else {
+                Observable::with_upstream(upstream_drops).with_history(history)
+            }
         });
         let ws = web::Data::new(WsState::new(config.ws(), observable.clone()));
         let observers = ws.connected.clone();
+        let copy_target: Recipient<Publish> = if stream_feed {
+            let feed = feed_settings(&config);
+            log::info!(
+                "live feed: stream {} (every instance's events, one order)",
+                feed.stream
+            );
+            let reader = live_feed::reader::run(
+                feed.clone(),
+                observable.clone().recipient(),
+                LiveBacklog::new(LIVE_BACKLOG_EVENTS),
+            );
+            live_arbiter.spawn(reader);
+            let drops = dropped_copies.clone();
+            FeedPublisher::start_in_arbiter(&live_arbiter.handle(), move |ctx| {
+                ctx.set_mailbox_capacity(1024);
+                FeedPublisher::new(feed, drops)
+            })
+            .recipient()
+        } else {
+            observable.clone().recipient()
+        };
 
         let writers = usize::from(config.writers);
         let queue_settings = QueueSettings {
@@ -92,7 +121,7 @@ impl Application {
         });
         // The Tap copies while anyone watches. With a history ring, the ring
         // always watches: it counts as one standing observer.
-        let copy_demand = if config.live_history > 0 {
+        let copy_demand = if config.live_history > 0 || stream_feed {
             Arc::new(AtomicUsize::new(1))
         } else {
             observers.clone()
@@ -101,7 +130,7 @@ impl Application {
             ctx.set_mailbox_capacity(2);
             Tap::new(
                 queue.clone().recipient(),
-                observable.clone().recipient(),
+                copy_target,
                 copy_demand,
                 LiveBacklog::new(LIVE_BACKLOG_EVENTS),
                 dropped_copies,
@@ -223,6 +252,25 @@ impl std::fmt::Debug for Application {
         f.debug_struct("Application")
             .field("http_addr", &self.http_addr)
             .finish_non_exhaustive()
+    }
+}
+
+/// The live feed's settings (`LIVE_FEED=stream`).
+fn feed_settings(config: &Config) -> FeedSettings {
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    FeedSettings {
+        amqp_url: config.amqp_url.clone(),
+        stream: format!("{}.live", config.amqp_prefix),
+        max_age: config.live_stream_max_age,
+        max_bytes: config.live_stream_max_bytes,
+        max_unconfirmed: config.live_stream_max_unconfirmed as usize,
+        // One sequence per process: a restarted instance is a new origin.
+        origin: format!("{}/{}-{started_ms}", config.instance(), std::process::id()),
+        prefetch: 1000,
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(10),
     }
 }
 

@@ -11,6 +11,7 @@
 //! - [`store`]: the `Store` trait and its PostgreSQL implementation.
 //! - [`observable`], [`observer`], [`topic`]: the live path to WebSocket clients.
 //! - [`history`]: the ring of recent events by position, for clients that resume.
+//! - [`live_feed`]: the cluster-wide live feed through a RabbitMQ stream.
 //! - [`internal_events`]: one struct per thing worth counting; `emit()` logs and records.
 //!
 //! Architecture invariant: this crate knows nothing about HTTP routing or
@@ -20,6 +21,7 @@ pub mod consumer;
 pub mod event;
 pub mod history;
 pub mod internal_events;
+pub mod live_feed;
 pub mod messages;
 pub mod observable;
 pub mod observer;

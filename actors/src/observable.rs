@@ -403,6 +403,8 @@ pub struct Feed {
     /// The events, each with the count of events missed just before it
     /// (publishes dropped by some instance, or lost to retention).
     pub events: Vec<(u64, Arc<LiveEvent>)>,
+    /// Events missed after the last one (told at once, or by the timer).
+    pub missed_after: u64,
     /// The events' share of the feed's backlog, given back when handled.
     pub permit: Option<LivePermit>,
 }
@@ -422,6 +424,13 @@ impl Handler<Feed> for Observable {
         }
         let all: Arc<[Arc<LiveEvent>]> = all.into();
         self.fan_out(&all, missed);
+        if msg.missed_after > 0 {
+            self.history.gap(msg.missed_after);
+            for registration in self.observers.values_mut() {
+                registration.missed += msg.missed_after;
+            }
+            self.report_misses();
+        }
     }
 }
 
@@ -1028,6 +1037,7 @@ pub(crate) mod tests {
         observable
             .send(Feed {
                 events: vec![(0, at(10)), (0, at(11)), (2, at(12)), (2, at(15))],
+                missed_after: 0,
                 permit: None,
             })
             .await

@@ -8,6 +8,7 @@ mod client;
 #[path = "../common/mod.rs"]
 mod common;
 mod datastore;
+mod feed;
 mod helpers;
 mod resume;
 mod startup;
