@@ -38,6 +38,10 @@ mod embedded {
 /// constant: "sluice" in ASCII). Every instance of every version uses it.
 const MIGRATION_LOCK: i64 = 0x736c_7569_6365;
 
+/// How long start-up waits for the live feed to read the stream before
+/// consuming anyway (`LIVE_FEED=stream`).
+const FEED_ATTACH_WAIT: Duration = Duration::from_secs(10);
+
 /// Most deliveries handed to the Tap in one message.
 const CHUNK: usize = 512;
 
@@ -89,12 +93,26 @@ impl Application {
                 "live feed: stream {} (every instance's events, one order)",
                 feed.stream
             );
+            let (attached, reading) = tokio::sync::oneshot::channel();
             let reader = live_feed::reader::run(
                 feed.clone(),
                 observable.clone().recipient(),
                 LiveBacklog::new(LIVE_BACKLOG_EVENTS),
+                attached,
             );
             live_arbiter.spawn(reader);
+            // Read the stream before consuming the ingest queue, so this
+            // instance's dashboards see every event it stores from the start.
+            if tokio::time::timeout(FEED_ATTACH_WAIT, reading)
+                .await
+                .is_err()
+            {
+                log::warn!(
+                    "the live feed is not reading {} after {FEED_ATTACH_WAIT:?}; \
+                     starting anyway (it keeps trying)",
+                    feed.stream
+                );
+            }
             let drops = dropped_copies.clone();
             FeedPublisher::start_in_arbiter(&live_arbiter.handle(), move |ctx| {
                 ctx.set_mailbox_capacity(1024);

@@ -31,16 +31,19 @@ pub enum Scenario {
     SlowDb,
     /// 200 WebSocket clients, 20 of which never read.
     Fanout,
+    /// `LIVE_FEED=stream` against `local`: drain, fan-out, CPU per event.
+    LiveFeed,
 }
 
 impl Scenario {
     /// All of them, in order.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Ceiling,
         Scenario::Drain,
         Scenario::Latency,
         Scenario::SlowDb,
         Scenario::Fanout,
+        Scenario::LiveFeed,
     ];
 
     /// The command-line name.
@@ -51,6 +54,7 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::SlowDb => "slowdb",
             Scenario::Fanout => "fanout",
+            Scenario::LiveFeed => "livefeed",
         }
     }
 
@@ -315,6 +319,7 @@ impl Bench {
             Scenario::Latency => scenarios::latency::run(self).await,
             Scenario::SlowDb => scenarios::slowdb::run(self).await,
             Scenario::Fanout => scenarios::fanout::run(self).await,
+            Scenario::LiveFeed => scenarios::livefeed::run(self).await,
         }
     }
 

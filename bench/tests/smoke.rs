@@ -84,3 +84,14 @@ fn fanout_counts_deliveries() {
     assert!(f.published > 0 && f.delivered_max > 0, "{f:?}");
     assert!(f.drain_with.is_some() && f.drain_without.is_some(), "{f:?}");
 }
+
+#[test]
+fn livefeed_compares_the_stream_with_the_local_feed() {
+    let r = run(Scenario::LiveFeed);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.starts_with("livefeed stream/local")),
+        "{r:?}"
+    );
+}

@@ -46,12 +46,27 @@ struct ReaderState {
 /// Reads the stream for ever (reconnecting with backoff), feeding
 /// `observable`; `backlog` bounds, in events, what is handed over and not
 /// yet handled. Returns when the Observable is gone.
-pub async fn run(settings: FeedSettings, observable: Recipient<Feed>, backlog: LiveBacklog) {
+/// `attached` is told once the reader first consumes the stream.
+pub async fn run(
+    settings: FeedSettings,
+    observable: Recipient<Feed>,
+    backlog: LiveBacklog,
+    attached: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut attached = Some(attached);
     let mut state = ReaderState::default();
     let mut delays = backoff(&settings);
     loop {
         let mut connected = false;
-        let result = read(&settings, &observable, &backlog, &mut state, &mut connected).await;
+        let result = read(
+            &settings,
+            &observable,
+            &backlog,
+            &mut state,
+            &mut connected,
+            &mut attached,
+        )
+        .await;
         if connected {
             delays = backoff(&settings);
         }
@@ -77,6 +92,7 @@ async fn read(
     backlog: &LiveBacklog,
     state: &mut ReaderState,
     connected: &mut bool,
+    attached: &mut Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<(), String> {
     let (connection, channel) = connect(settings, "reader").await?;
     channel
@@ -104,6 +120,9 @@ async fn read(
     }
     .emit();
     *connected = true;
+    if let Some(attached) = attached.take() {
+        let _ = attached.send(());
+    }
     let mut chunks = consumer.ready_chunks(CHUNK);
     while let Some(items) = chunks.next().await {
         let mut events = Vec::with_capacity(items.len());
