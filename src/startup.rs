@@ -80,7 +80,9 @@ impl Application {
             if stream_feed {
                 // The Tap's drops are numbered by the feed publisher and come
                 // back, from the stream, as gaps in this instance's sequence.
-                Observable::new().with_history(history)
+                Observable::new()
+                    .with_history(history)
+                    .with_shared_positions()
             } else {
                 Observable::with_upstream(upstream_drops).with_history(history)
             }

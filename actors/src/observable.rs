@@ -228,6 +228,10 @@ struct Registration {
     missed: u64,
     /// Whether the first miss was logged already (logged once per observer).
     lag_reported: bool,
+    /// The client resumed after this position, which this instance has not
+    /// reached yet (it reads the shared stream a little behind another):
+    /// events up to it are not sent again. 0 when nothing is to be skipped.
+    skip_through: u64,
 }
 
 /// How often misses not yet told (because nothing got through since) are
@@ -245,6 +249,10 @@ pub struct Observable {
     /// Recent events by position, for clients that resume (`?since=`) or
     /// ask for the last few (`?last=`).
     history: History,
+    /// Positions are shared by every instance (the stream feed): a resume
+    /// from a position this instance has not reached yet waits for it.
+    /// Otherwise such a position is another instance's, and ignored.
+    shared_positions: bool,
 }
 
 impl Default for Observable {
@@ -253,6 +261,7 @@ impl Default for Observable {
             observers: HashMap::new(),
             upstream: DroppedCopies::default(),
             history: History::new(0),
+            shared_positions: false,
         }
     }
 }
@@ -275,6 +284,14 @@ impl Observable {
     /// [`SubscribeFrom`]); 0 keeps none.
     pub fn with_history(mut self, events: usize) -> Observable {
         self.history = History::new(events);
+        self
+    }
+
+    /// Positions are the same on every instance (`LIVE_FEED=stream`): a
+    /// client resuming from a position this instance has not read yet gets
+    /// nothing up to it again (see [`SubscribeFrom`]).
+    pub fn with_shared_positions(mut self) -> Observable {
+        self.shared_positions = true;
         self
     }
 
@@ -354,6 +371,7 @@ impl Handler<Subscribe> for Observable {
                     backlog: msg.backlog,
                     missed: 0,
                     lag_reported: false,
+                    skip_through: 0,
                 });
             }
         }
@@ -446,8 +464,16 @@ impl Observable {
         let mut closed = Vec::new();
         let mut missed_now = 0u64;
         for (id, registration) in &mut self.observers {
-            registration.missed += missed;
-            let events = match &registration.pattern {
+            // Gaps before events a resumed client already has were told to
+            // it before (in its earlier session).
+            let seen_already = registration.skip_through > 0
+                && all
+                    .last()
+                    .is_some_and(|e| e.position() <= registration.skip_through);
+            if !seen_already {
+                registration.missed += missed;
+            }
+            let mut events = match &registration.pattern {
                 None => all.clone(),
                 Some(pattern) => selections
                     .entry(pattern.clone())
@@ -459,6 +485,19 @@ impl Observable {
                     })
                     .clone(),
             };
+            if registration.skip_through > 0 {
+                let through = registration.skip_through;
+                if events.last().is_some_and(|e| e.position() > through) {
+                    registration.skip_through = 0;
+                }
+                if events.first().is_some_and(|e| e.position() <= through) {
+                    events = events
+                        .iter()
+                        .filter(|e| e.position() > through)
+                        .cloned()
+                        .collect();
+                }
+            }
             if events.is_empty() {
                 continue;
             }
@@ -531,6 +570,11 @@ impl Handler<SubscribeFrom> for Observable {
         let Some(registration) = self.observers.get_mut(&id) else {
             return;
         };
+        if let Since::After(position) = msg.since {
+            if self.shared_positions && position > self.history.head() {
+                registration.skip_through = position;
+            }
+        }
         if replay.events.is_empty() && replay.missed == 0 {
             return;
         }
@@ -1051,5 +1095,37 @@ pub(crate) mod tests {
             .expect("alive");
         let got = late_rx.recv().await.expect("replay");
         assert_eq!((positions(&got), got.missed), (vec![11, 12, 15], 4));
+    }
+
+    #[actix::test]
+    async fn a_resume_ahead_of_this_instance_skips_what_the_client_has() {
+        // Another instance's client saw up to position 12; this instance has
+        // read the shared stream up to 10 only.
+        let observable =
+            Observable::create(|_| Observable::new().with_history(100).with_shared_positions());
+        let at = |p: u64| (0, Arc::new(LiveEvent::positioned(p, "k", "{}")));
+        observable
+            .send(Feed {
+                events: (1..=10).map(at).collect(),
+                missed_after: 0,
+                permit: None,
+            })
+            .await
+            .expect("alive");
+        let (addr, mut rx) = probe(16, None);
+        observable
+            .send(subscribe_from(1, addr.recipient(), Since::After(12)))
+            .await
+            .expect("alive");
+        observable
+            .send(Feed {
+                events: (11..=15).map(at).collect(),
+                missed_after: 0,
+                permit: None,
+            })
+            .await
+            .expect("alive");
+        let got = rx.recv().await.expect("delivery");
+        assert_eq!((positions(&got), got.missed), (vec![13, 14, 15], 0));
     }
 }

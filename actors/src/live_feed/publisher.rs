@@ -228,7 +228,8 @@ impl Link {
                 match tokio::time::timeout(MARKER_AFTER, rx.recv()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        self.publish(settings, channel, None, self.max_seq).await?;
+                        let confirm = self.publish(settings, channel, None, self.max_seq).await?;
+                        self.await_confirms(vec![confirm]);
                         self.owed_marker = false;
                         continue;
                     }
@@ -249,24 +250,32 @@ impl Link {
             };
             let mut published = 0u64;
             let mut refused = 0u64;
+            let mut confirms = Vec::with_capacity(events.len());
             for (i, event) in events.iter().enumerate() {
                 if self.unconfirmed.load(Ordering::Acquire) >= settings.max_unconfirmed {
                     refused += 1;
                     continue;
                 }
                 let seq = first_seq + i as u64;
-                if let Err(why) = self.publish(settings, channel, Some(event), seq).await {
-                    FeedPublishDropped {
-                        reason: FeedDropReason::Disconnected,
-                        events: (events.len() - i) as u64,
+                let sent = self.publish(settings, channel, Some(event), seq).await;
+                let confirm = match sent {
+                    Ok(confirm) => confirm,
+                    Err(why) => {
+                        self.await_confirms(confirms);
+                        FeedPublishDropped {
+                            reason: FeedDropReason::Disconnected,
+                            events: (events.len() - i) as u64,
+                        }
+                        .emit();
+                        self.owed_marker = true;
+                        FeedPublished { events: published }.emit();
+                        return Err(why);
                     }
-                    .emit();
-                    self.owed_marker = true;
-                    FeedPublished { events: published }.emit();
-                    return Err(why);
-                }
+                };
+                confirms.push(confirm);
                 published += 1;
             }
+            self.await_confirms(confirms);
             FeedPublished { events: published }.emit();
             if refused > 0 {
                 self.owed_marker = true;
@@ -286,7 +295,7 @@ impl Link {
         channel: &lapin::Channel,
         event: Option<&Arc<EventData>>,
         seq: u64,
-    ) -> Result<(), String> {
+    ) -> Result<lapin::PublisherConfirm, String> {
         let mut headers = FieldTable::default();
         headers.insert(
             ORIGIN_HEADER.into(),
@@ -322,13 +331,23 @@ impl Link {
             .await
             .map_err(|e| format!("publishing to the stream failed: {e}"))?;
         self.unconfirmed.fetch_add(1, Ordering::AcqRel);
+        Ok(confirm)
+    }
+
+    /// Waits for `confirms` in a task of their own (one per chunk), giving
+    /// each back to the unconfirmed count as it comes.
+    fn await_confirms(&self, confirms: Vec<lapin::PublisherConfirm>) {
+        if confirms.is_empty() {
+            return;
+        }
         let unconfirmed = self.unconfirmed.clone();
         actix::spawn(async move {
-            // A nack or a lost connection: the event is not in the stream.
-            let _ = confirm.await;
-            unconfirmed.fetch_sub(1, Ordering::AcqRel);
+            for confirm in confirms {
+                // A nack or a lost connection: the event is not in the stream.
+                let _ = confirm.await;
+                unconfirmed.fetch_sub(1, Ordering::AcqRel);
+            }
         });
-        Ok(())
     }
 
     /// Drops (and counts) every chunk arriving during `wait`; `false` once
