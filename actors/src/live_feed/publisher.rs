@@ -305,17 +305,19 @@ impl Link {
             SEQ_HEADER.into(),
             AMQPValue::LongLongInt(i64::try_from(seq).unwrap_or(i64::MAX)),
         );
-        let body = match event {
+        let live;
+        let body: &[u8] = match event {
             Some(event) => {
                 headers.insert(
                     ROUTING_KEY_HEADER.into(),
                     AMQPValue::LongString(event.routing_key.as_str().into()),
                 );
-                LiveEvent::from_event(event).json().as_bytes().to_vec()
+                live = LiveEvent::from_event(event);
+                live.json().as_bytes()
             }
             None => {
                 headers.insert(MARKER_HEADER.into(), AMQPValue::Boolean(true));
-                Vec::new()
+                &[]
             }
         };
         let confirm = channel
@@ -323,7 +325,7 @@ impl Link {
                 "".into(),
                 settings.stream.as_str().into(),
                 BasicPublishOptions::default(),
-                &body,
+                body,
                 BasicProperties::default()
                     .with_content_type("application/json".into())
                     .with_headers(headers),
