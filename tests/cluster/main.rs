@@ -7,6 +7,7 @@
 mod client;
 #[path = "../common/mod.rs"]
 mod common;
+mod dashboard;
 mod datastore;
 mod feed;
 mod helpers;
