@@ -202,6 +202,47 @@ pub struct Config {
     /// "Your own table" in the README). Unset: rows go to Sluice's `events`.
     #[arg(long, env = "MAPPING")]
     pub mapping: Option<std::path::PathBuf>,
+
+    // --- Several instances (issue 10): naming, the live feed, resume ---
+    /// This instance's name in logs, in the `sluice_instance` label of every
+    /// metric, in `/api/stats` and on the dashboard. Default: the host name.
+    #[arg(long, env = "INSTANCE_NAME", value_parser = parse_instance_name)]
+    pub instance_name: Option<String>,
+
+    /// Where dashboards' events come from: `local` (this instance's own
+    /// deliveries) or `stream` (every instance's, through the RabbitMQ
+    /// stream `P.live`, in one order: set it on every instance).
+    #[arg(long, env = "LIVE_FEED", value_enum, default_value_t = LiveFeedArg::Local)]
+    pub live_feed: LiveFeedArg,
+
+    /// Recent events kept in memory for clients that resume (`/ws?since=`)
+    /// or open with the last few (`/ws?last=`); 0 keeps none.
+    #[arg(long, env = "LIVE_HISTORY", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub live_history: u32,
+
+    /// `stream` feed: how long `P.live` keeps events (whole segments are
+    /// removed once older; e.g. `1h`). Applies when the stream is created.
+    #[arg(long, env = "LIVE_STREAM_MAX_AGE", default_value = "1h", value_parser = parse_duration)]
+    pub live_stream_max_age: Duration,
+
+    /// `stream` feed: most bytes `P.live` keeps. Applies when the stream is created.
+    #[arg(long, env = "LIVE_STREAM_MAX_BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..))]
+    pub live_stream_max_bytes: u64,
+
+    /// `stream` feed: publishes to `P.live` not yet confirmed by the broker,
+    /// at most; past it, copies are dropped and counted (never waited for).
+    #[arg(long, env = "LIVE_STREAM_MAX_UNCONFIRMED", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub live_stream_max_unconfirmed: u32,
+}
+
+/// `LIVE_FEED` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LiveFeedArg {
+    /// This instance's own deliveries; positions are this instance's own.
+    Local,
+    /// Every instance's deliveries through the RabbitMQ stream `P.live`;
+    /// positions are stream offsets, the same on every instance.
+    Stream,
 }
 
 /// `QUEUE_ON_FULL` values.
@@ -332,6 +373,18 @@ impl Config {
         }
     }
 
+    /// `INSTANCE_NAME`, or the host name when it is not set (`sluice` if
+    /// even that cannot be read).
+    pub fn instance(&self) -> String {
+        self.instance_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|name| name.into_string().ok())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "sluice".to_owned())
+        })
+    }
+
     /// The dispatch strategy these settings describe.
     pub fn batching(&self) -> Batching {
         match self.batching {
@@ -394,6 +447,19 @@ fn parse_prefix(value: &str) -> Result<String, String> {
         Ok(value.to_owned())
     } else {
         Err("expected 1 to 200 characters among letters, digits, `.`, `_` and `-`".into())
+    }
+}
+
+fn parse_instance_name(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err("expected 1 to 64 characters among letters, digits, `.`, `_` and `-`".into())
     }
 }
 
@@ -504,6 +570,21 @@ mod tests {
         let help = Cli::command_for_help();
         assert!(!help.contains("guest:guest"), "{help}");
         assert!(help.contains("AMQP_TLS_CA"), "{help}");
+    }
+
+    #[test]
+    fn the_instance_name_defaults_to_the_host_name_and_is_checked() {
+        let c = parse(&[]).expect("defaults parse").service;
+        let host = nix::unistd::gethostname().expect("host name");
+        assert_eq!(c.instance(), host.to_string_lossy());
+        let c = parse(&["--instance-name", "web-2"])
+            .expect("parses")
+            .service;
+        assert_eq!(c.instance(), "web-2");
+        let err = parse(&["--instance-name", "a b"])
+            .expect_err("spaces are refused")
+            .to_string();
+        assert!(err.contains("--instance-name"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use sluice::telemetry;
 
 fn main() -> ExitCode {
     let cli = Cli::load().unwrap_or_else(|err| err.exit());
-    telemetry::init_logging(&cli.service.log_filter);
+    telemetry::init_logging(&cli.service.log_filter, &cli.service.instance());
     let result = match cli.command {
         None | Some(Command::Serve) => actix_web::rt::System::new().block_on(serve(cli.service)),
         Some(Command::Load(args)) => load(&cli.service, &args),
@@ -24,7 +24,9 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: sluice::config::Config) -> anyhow::Result<()> {
-    let metrics = telemetry::install_metrics()?;
+    let instance = config.instance();
+    log::info!("instance {instance}");
+    let metrics = telemetry::install_metrics(&instance)?;
     let app = Application::build(config, metrics).await?;
     app.run_until(shutdown_signal()).await
 }

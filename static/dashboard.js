@@ -297,6 +297,12 @@
 
   function render(stats) {
     const p = stats.pipeline;
+    // Which replica this page talks to (INSTANCE_NAME): with several behind
+    // a load balancer, the figures below are this one's own.
+    if (stats.instance) {
+      setText("instance", stats.instance);
+      body.dataset.instance = stats.instance;
+    }
     const t = stats.taken_at_ms / 1000;
     const stored = counterTotal(stats, "sluice_events_stored_total");
     const received = counterTotal(stats, "sluice_events_received_total");
@@ -540,6 +546,12 @@
   }
 
   function onEvents(events) {
+    for (const event of events) {
+      if (Number.isFinite(event.position) && (lastPosition === null || event.position > lastPosition)) {
+        lastPosition = event.position;
+      }
+    }
+    if (lastPosition !== null) body.dataset.position = String(lastPosition);
     eventsSeen += events.length;
     body.dataset.eventsSeen = String(eventsSeen);
     if (paused) {
@@ -566,6 +578,8 @@
 
   let socket = null;
   let topic = new URLSearchParams(location.search).get("topic") || "";
+  /** Position of the newest event shown: a reconnect resumes after it. */
+  let lastPosition = null;
   let retryMs = 500;
 
   function setLive(state, text) {
@@ -585,7 +599,14 @@
 
   function connect() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const query = topic ? "?topic=" + encodeURIComponent(topic) : "";
+    // The first connection asks for the last events (the tail is full at
+    // once); a reconnection resumes after the last one shown, and the
+    // service replays what came meanwhile, or says how many were missed.
+    const params = new URLSearchParams();
+    if (topic) params.set("topic", topic);
+    if (lastPosition === null) params.set("last", String(TAIL_ROWS));
+    else params.set("since", String(lastPosition));
+    const query = "?" + params.toString();
     setLive("connecting", "Live connecting");
     const ws = new WebSocket(scheme + "//" + location.host + "/ws" + query);
     socket = ws;

@@ -14,6 +14,8 @@
 //! - [`observable`], [`observer`], [`topic`]: the live path to WebSocket clients.
 //! - [`tls`]: connecting to the broker (`amqp://`, `amqps://`), and naming
 //!   the cause of a failed TLS handshake; [`redact`]: passwords out of URLs.
+//! - [`history`]: the ring of recent events by position, for clients that resume.
+//! - [`live_feed`]: the cluster-wide live feed through a RabbitMQ stream.
 //! - [`internal_events`]: one struct per thing worth counting; `emit()` logs and records.
 //!
 //! Architecture invariant: this crate knows nothing about HTTP routing or
@@ -21,7 +23,9 @@
 
 pub mod consumer;
 pub mod event;
+pub mod history;
 pub mod internal_events;
+pub mod live_feed;
 pub mod mapped_store;
 pub mod messages;
 pub mod observable;

@@ -51,11 +51,14 @@ use tokio::sync::mpsc::{self, error::TrySendError, OwnedPermit};
 // Tokio's clock, so that tests can pause and advance time.
 use tokio::time::Instant;
 
+use crate::history::Since;
 use crate::internal_events::live::{
     DropStage, LiveEventsDropped, ObserverConnected, ObserverDisconnected, ObserverLagging,
 };
 use crate::messages::LiveBacklog;
-use crate::observable::{Deliver, LiveEvent, Observable, ObserverId, Subscribe, Unsubscribe};
+use crate::observable::{
+    Deliver, LiveEvent, Observable, ObserverId, Subscribe, SubscribeFrom, Unsubscribe,
+};
 use crate::topic::TopicPattern;
 
 /// Close code for a client that made no progress reading for the stall timeout.
@@ -331,6 +334,9 @@ pub struct Observer {
     ended: Option<String>,
     /// This session's place in the count of connected observers.
     slot: Option<SessionSlot>,
+    /// Where the client's stream starts (`?since=` / `?last=`), taken by the
+    /// first `Subscribe`; `None`: from now on.
+    since: Option<Since>,
 }
 
 /// See [`MIN_MAILBOX_EVENTS`].
@@ -367,7 +373,15 @@ impl Observer {
             lagging: false,
             ended: None,
             slot: None,
+            since: None,
         }
+    }
+
+    /// Starts the client's stream at `since` (a resume or the last few
+    /// events) instead of now.
+    pub fn with_since(mut self, since: Option<Since>) -> Observer {
+        self.since = since;
+        self
     }
 
     /// Holds `slot` for the life of the session (released when it stops).
@@ -403,12 +417,18 @@ impl Observer {
             return;
         }
         self.subscribing = true;
-        let request = self.observable.send(Subscribe {
+        let subscribe = Subscribe {
             id: self.id,
             addr: ctx.address().recipient(),
             pattern: self.pattern.clone(),
             backlog: self.backlog.clone(),
-        });
+        };
+        let request: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), MailboxError>>>,
+        > = match self.since.take() {
+            None => Box::pin(self.observable.send(subscribe)),
+            Some(since) => Box::pin(self.observable.send(SubscribeFrom { subscribe, since })),
+        };
         ctx.spawn(
             fut::wrap_future(request).map(|result, act: &mut Observer, ctx| {
                 act.subscribing = false;

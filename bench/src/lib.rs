@@ -33,17 +33,20 @@ pub enum Scenario {
     Fanout,
     /// The drain into a user's own table through `--mapping`, against `events`.
     Mapping,
+    /// `LIVE_FEED=stream` against `local`: drain, fan-out, CPU per event.
+    LiveFeed,
 }
 
 impl Scenario {
     /// All of them, in order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Ceiling,
         Scenario::Drain,
         Scenario::Latency,
         Scenario::SlowDb,
         Scenario::Fanout,
         Scenario::Mapping,
+        Scenario::LiveFeed,
     ];
 
     /// The command-line name.
@@ -55,6 +58,7 @@ impl Scenario {
             Scenario::SlowDb => "slowdb",
             Scenario::Fanout => "fanout",
             Scenario::Mapping => "mapping",
+            Scenario::LiveFeed => "livefeed",
         }
     }
 
@@ -334,6 +338,7 @@ impl Bench {
             Scenario::SlowDb => scenarios::slowdb::run(self).await,
             Scenario::Fanout => scenarios::fanout::run(self).await,
             Scenario::Mapping => scenarios::mapping::run(self).await,
+            Scenario::LiveFeed => scenarios::livefeed::run(self).await,
         }
     }
 

@@ -92,3 +92,14 @@ fn mapping_drains_into_the_users_table_too() {
     assert_eq!(m.mapped.messages, Scale::smoke().drain_messages);
     assert!(m.mapped.rate > 0.0 && m.default.rate > 0.0, "{m:?}");
 }
+
+#[test]
+fn livefeed_compares_the_stream_with_the_local_feed() {
+    let r = run(Scenario::LiveFeed);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.starts_with("livefeed stream/local")),
+        "{r:?}"
+    );
+}

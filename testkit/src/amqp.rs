@@ -347,12 +347,17 @@ pub async fn get_all(url: &str, queue: &str) -> Result<Vec<GotMessage>> {
 }
 
 /// Delete the topology the service declares for `prefix` (best effort: what does
-/// not exist is skipped). Queues `<prefix>.ingest`, `<prefix>.dead`; exchanges
+/// not exist is skipped). Queues `<prefix>.ingest`, `<prefix>.dead`, the
+/// live feed's stream `<prefix>.live`; exchanges
 /// `<prefix>`, `<prefix>.dlx`.
 pub async fn delete_topology(url: &str, prefix: &str) -> Result<()> {
     let connection = connect(url).await?;
     // A failed delete closes its channel, so each gets a fresh one.
-    for queue in [format!("{prefix}.ingest"), format!("{prefix}.dead")] {
+    for queue in [
+        format!("{prefix}.ingest"),
+        format!("{prefix}.dead"),
+        format!("{prefix}.live"),
+    ] {
         if let Ok(channel) = connection.create_channel().await {
             if let Err(e) = channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

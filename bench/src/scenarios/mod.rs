@@ -5,6 +5,7 @@ pub mod ceiling;
 pub mod drain;
 pub mod fanout;
 pub mod latency;
+pub mod livefeed;
 pub mod mapping;
 pub mod slowdb;
 
