@@ -8,7 +8,8 @@
 //!
 //! Events arriving from the Observable go into a bounded buffer
 //! ([`ObserverSettings::buffer`]); when it is full, [`OnFull`] decides which
-//! events are lost. Whenever the channel has room, everything buffered (up to
+//! events are lost. The buffer and its drop rules are the `buffer` module,
+//! pure and tested on its own. Whenever the channel has room, everything buffered (up to
 //! [`ObserverSettings::max_events_per_frame`]) goes out as one frame
 //! `{"type":"events","events":[…]}`, preceded by `{"type":"lagged","missed":N}`
 //! when events were dropped since the last frame, here or upstream. The
@@ -35,9 +36,6 @@
 //! when the Observer is created, so even a client that stopped reading gets it
 //! queued (it will read it if it ever resumes).
 
-use std::collections::VecDeque;
-use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,8 +53,13 @@ use crate::internal_events::live::{
     DropStage, LiveEventsDropped, ObserverConnected, ObserverDisconnected, ObserverLagging,
 };
 use crate::messages::LiveBacklog;
-use crate::observable::{Deliver, LiveEvent, Observable, ObserverId, Subscribe, Unsubscribe};
+use crate::observable::{Deliver, Observable, ObserverId, Subscribe, Unsubscribe};
 use crate::topic::TopicPattern;
+
+mod buffer;
+
+pub use buffer::OnFull;
+use buffer::Pending;
 
 /// Close code for a client that made no progress reading for the stall timeout.
 pub const CLOSE_STALLED: u16 = 4000;
@@ -87,51 +90,6 @@ const MAX_CLOSE_REASON: usize = 123;
 /// socket, with room for [`OUTGOING_FRAMES`] frames and the close frame.
 pub fn outgoing_channel() -> (mpsc::Sender<Message>, mpsc::Receiver<Message>) {
     mpsc::channel(OUTGOING_FRAMES + 1)
-}
-
-/// What an Observer does with a new event when its buffer is full (`WS_ON_FULL`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnFull {
-    /// Drop the oldest buffered event to make room (`drop-oldest`). The client
-    /// always gets the freshest data, as dashboards want; it gives up the
-    /// oldest events it had not read yet.
-    #[default]
-    DropOldest,
-    /// Drop the new event (`drop-newest`). The client gets an unbroken run of
-    /// the events it had buffered; it gives up everything that arrives while
-    /// it is behind, so what it sees next is older.
-    DropNewest,
-}
-
-impl OnFull {
-    /// The setting's value, as accepted by [`FromStr`].
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OnFull::DropOldest => "drop-oldest",
-            OnFull::DropNewest => "drop-newest",
-        }
-    }
-}
-
-impl fmt::Display for OnFull {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for OnFull {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "drop-oldest" => Ok(OnFull::DropOldest),
-            "drop-newest" => Ok(OnFull::DropNewest),
-            other => Err(format!(
-                "unknown policy {other:?}: expected drop-oldest or drop-newest"
-            )),
-        }
-    }
 }
 
 /// How an Observer treats its client. Every field bounds memory or time.
@@ -210,85 +168,6 @@ impl SessionSlot {
 impl Drop for SessionSlot {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Events waiting for the client and drops not yet reported to it.
-#[derive(Debug)]
-struct Pending {
-    /// Buffered events, oldest first; never longer than `capacity`.
-    events: VecDeque<Arc<LiveEvent>>,
-    /// The buffer's capacity (at least 1).
-    capacity: usize,
-    /// Dropped events (here or upstream) not yet told with a `lagged` frame.
-    unreported: u64,
-    /// Every event dropped in this session, for the log line at the end.
-    total_dropped: u64,
-}
-
-impl Pending {
-    fn new(capacity: usize) -> Pending {
-        Pending {
-            events: VecDeque::with_capacity(capacity.clamp(1, 4096)),
-            capacity: capacity.max(1),
-            unreported: 0,
-            total_dropped: 0,
-        }
-    }
-
-    /// Counts events dropped before reaching this buffer.
-    fn missed(&mut self, n: u64) {
-        self.unreported += n;
-        self.total_dropped += n;
-    }
-
-    /// Buffers events under `policy`; returns how many were dropped.
-    fn push(&mut self, events: &[Arc<LiveEvent>], policy: OnFull) -> u64 {
-        let mut dropped = 0;
-        for event in events {
-            if self.events.len() >= self.capacity {
-                dropped += 1;
-                match policy {
-                    OnFull::DropOldest => {
-                        self.events.pop_front();
-                    }
-                    OnFull::DropNewest => continue,
-                }
-            }
-            self.events.push_back(event.clone());
-        }
-        self.missed(dropped);
-        dropped
-    }
-
-    /// Whether there is something to tell the client.
-    fn has_frame(&self) -> bool {
-        self.unreported > 0 || !self.events.is_empty()
-    }
-
-    /// The next frame: the `lagged` notice if drops are unreported, else the
-    /// oldest events (at most `max`), else nothing.
-    fn next_frame(&mut self, max: usize) -> Option<Message> {
-        if self.unreported > 0 {
-            let missed = std::mem::take(&mut self.unreported);
-            let text = format!("{{\"type\":\"lagged\",\"missed\":{missed}}}");
-            return Some(Message::Text(text.into()));
-        }
-        if self.events.is_empty() {
-            return None;
-        }
-        let n = self.events.len().min(max.max(1));
-        let size: usize = self.events.iter().take(n).map(|e| e.json().len() + 1).sum();
-        let mut text = String::with_capacity(size + 32);
-        text.push_str("{\"type\":\"events\",\"events\":[");
-        for (i, event) in self.events.drain(..n).enumerate() {
-            if i > 0 {
-                text.push(',');
-            }
-            text.push_str(event.json());
-        }
-        text.push_str("]}");
-        Some(Message::Text(text.into()))
     }
 }
 
@@ -715,7 +594,7 @@ mod tests {
     use super::*;
     use crate::messages::Publish;
     use crate::observable::tests::event;
-    use crate::observable::CountObservers;
+    use crate::observable::{CountObservers, LiveEvent};
 
     /// The client's side of a session under test.
     struct Client {
@@ -1118,25 +997,7 @@ mod tests {
     }
 
     #[test]
-    fn pending_buffer_policies() {
-        let events = live(1..=5);
-        let mut oldest = Pending::new(3);
-        assert_eq!(oldest.push(&events, OnFull::DropOldest), 2);
-        let mut newest = Pending::new(3);
-        assert_eq!(newest.push(&events, OnFull::DropNewest), 2);
-        assert_eq!(lagged(oldest.next_frame(10).expect("frame")), 2);
-        assert_eq!(numbers(oldest.next_frame(10).expect("frame")), [3, 4, 5]);
-        assert!(oldest.next_frame(10).is_none());
-        assert_eq!(lagged(newest.next_frame(10).expect("frame")), 2);
-        assert_eq!(numbers(newest.next_frame(10).expect("frame")), [1, 2, 3]);
-    }
-
-    #[test]
-    fn settings_parse_and_close_reasons_fit_a_control_frame() {
-        assert_eq!("drop-oldest".parse(), Ok(OnFull::DropOldest));
-        assert_eq!("drop-newest".parse(), Ok(OnFull::DropNewest));
-        assert!("block".parse::<OnFull>().is_err());
-        assert_eq!(OnFull::default(), OnFull::DropOldest);
+    fn close_reasons_fit_a_control_frame() {
         let long = "é".repeat(100);
         let cut = truncate(long, MAX_CLOSE_REASON);
         assert!(cut.len() <= MAX_CLOSE_REASON);
