@@ -52,6 +52,9 @@ impl fmt::Display for ObserverId {
 pub struct LiveEvent {
     /// The JSON object text.
     json: Box<str>,
+    /// When Sluice received the event: its age, against `WS_MAX_LAG`, is
+    /// counted from here.
+    received_at: SystemTime,
 }
 
 impl LiveEvent {
@@ -75,13 +78,32 @@ impl LiveEvent {
         json.push_str(",\"received_at\":");
         push_time(&mut json, Some(event.received_at));
         json.push('}');
-        LiveEvent { json: json.into() }
+        LiveEvent {
+            json: json.into(),
+            received_at: event.received_at,
+        }
     }
 
     /// Wraps JSON text that is already a valid event object (for tests and
-    /// stand-ins).
+    /// stand-ins), received now.
     pub fn from_json(json: impl Into<Box<str>>) -> LiveEvent {
-        LiveEvent { json: json.into() }
+        LiveEvent {
+            json: json.into(),
+            received_at: SystemTime::now(),
+        }
+    }
+
+    /// The same event, as if received at `at` (for tests of ageing).
+    pub fn received(self, at: SystemTime) -> LiveEvent {
+        LiveEvent {
+            received_at: at,
+            ..self
+        }
+    }
+
+    /// When Sluice received the event.
+    pub fn received_at(&self) -> SystemTime {
+        self.received_at
     }
 
     /// The JSON object text.

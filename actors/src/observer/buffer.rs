@@ -1,11 +1,13 @@
 //! An Observer's bounded buffer and its drop rules, apart from any actor so
 //! that they can be tested alone: which events are kept when the client is
-//! slower than the stream, and how what was dropped is told to it.
+//! slower than the stream, which are skipped for being too old to show, and
+//! how what was dropped is told to it.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use actix_http::ws::Message;
 use serde::Deserialize;
@@ -105,14 +107,35 @@ impl Pending {
         dropped
     }
 
+    /// Skips the buffered events older than `max_age` at `now` (their age
+    /// counted from when Sluice received them); returns how many. They count
+    /// as missed, like any other drop. Events are buffered in the order they
+    /// were received, so only the front is looked at.
+    pub(super) fn expire(&mut self, now: SystemTime, max_age: Duration) -> u64 {
+        let mut skipped = 0;
+        while let Some(event) = self.events.front() {
+            let age = now
+                .duration_since(event.received_at())
+                .unwrap_or(Duration::ZERO);
+            if age <= max_age {
+                break;
+            }
+            self.events.pop_front();
+            skipped += 1;
+        }
+        self.missed(skipped);
+        skipped
+    }
+
     /// Whether there is something to tell the client.
     pub(super) fn has_frame(&self) -> bool {
         self.unreported > 0 || !self.events.is_empty()
     }
 
     /// The next frame: the `lagged` notice if drops are unreported, else the
-    /// oldest events (at most `max`), else nothing.
-    pub(super) fn next_frame(&mut self, max: usize) -> Option<Message> {
+    /// oldest events (at most `max` of them, and no more than `max_bytes` of
+    /// JSON unless the first alone is larger), else nothing.
+    pub(super) fn next_frame(&mut self, max: usize, max_bytes: usize) -> Option<Message> {
         if self.unreported > 0 {
             let missed = std::mem::take(&mut self.unreported);
             let text = format!("{{\"type\":\"lagged\",\"missed\":{missed}}}");
@@ -121,8 +144,15 @@ impl Pending {
         if self.events.is_empty() {
             return None;
         }
-        let n = self.events.len().min(max.max(1));
-        let size: usize = self.events.iter().take(n).map(|e| e.json().len() + 1).sum();
+        let (mut n, mut size) = (0, 0);
+        for event in self.events.iter().take(max.max(1)) {
+            let len = event.json().len() + 1;
+            if n > 0 && size + len > max_bytes {
+                break;
+            }
+            n += 1;
+            size += len;
+        }
         let mut text = String::with_capacity(size + 32);
         text.push_str("{\"type\":\"events\",\"events\":[");
         for (i, event) in self.events.drain(..n).enumerate() {
@@ -182,11 +212,74 @@ mod tests {
         assert_eq!(oldest.push(&events, OnFull::DropOldest), 2);
         let mut newest = Pending::new(3);
         assert_eq!(newest.push(&events, OnFull::DropNewest), 2);
-        assert_eq!(lagged(oldest.next_frame(10).expect("frame")), 2);
-        assert_eq!(numbers(oldest.next_frame(10).expect("frame")), [3, 4, 5]);
-        assert!(oldest.next_frame(10).is_none());
-        assert_eq!(lagged(newest.next_frame(10).expect("frame")), 2);
-        assert_eq!(numbers(newest.next_frame(10).expect("frame")), [1, 2, 3]);
+        assert_eq!(lagged(oldest.next_frame(10, usize::MAX).expect("frame")), 2);
+        assert_eq!(
+            numbers(oldest.next_frame(10, usize::MAX).expect("frame")),
+            [3, 4, 5]
+        );
+        assert!(oldest.next_frame(10, usize::MAX).is_none());
+        assert_eq!(lagged(newest.next_frame(10, usize::MAX).expect("frame")), 2);
+        assert_eq!(
+            numbers(newest.next_frame(10, usize::MAX).expect("frame")),
+            [1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn frames_are_capped_in_events_and_in_bytes() {
+        let mut pending = Pending::new(100);
+        pending.push(&live(1..=10), OnFull::DropOldest);
+        assert_eq!(
+            numbers(pending.next_frame(4, usize::MAX).expect("frame")),
+            [1, 2, 3, 4]
+        );
+        // Each event here takes 20 bytes (19 of JSON and a comma): two fit in 40.
+        assert_eq!(numbers(pending.next_frame(100, 40).expect("frame")), [5, 6]);
+        // One event larger than the cap still goes, alone.
+        assert_eq!(numbers(pending.next_frame(100, 1).expect("frame")), [7]);
+        assert_eq!(
+            numbers(pending.next_frame(100, 1000).expect("frame")),
+            [8, 9, 10]
+        );
+        assert!(pending.next_frame(100, 1000).is_none());
+    }
+
+    #[test]
+    fn events_older_than_the_bound_are_skipped_and_told() {
+        let now = SystemTime::now();
+        let at = |ms_ago: u64| now - Duration::from_millis(ms_ago);
+        let events: Vec<_> = [(1, 3000), (2, 2500), (3, 1900), (4, 100)]
+            .into_iter()
+            .map(|(n, ago)| {
+                Arc::new(
+                    LiveEvent::from_json(format!(r#"{{"payload":{{"n":{n}}}}}"#)).received(at(ago)),
+                )
+            })
+            .collect();
+        let mut pending = Pending::new(100);
+        pending.push(&events, OnFull::DropOldest);
+        pending.missed(5);
+        assert_eq!(pending.expire(now, Duration::from_secs(2)), 2);
+        // Upstream misses and skipped events are told together, then the
+        // fresh events follow.
+        assert_eq!(
+            lagged(pending.next_frame(10, usize::MAX).expect("frame")),
+            7
+        );
+        assert_eq!(
+            numbers(pending.next_frame(10, usize::MAX).expect("frame")),
+            [3, 4]
+        );
+        assert_eq!(pending.total_dropped, 7);
+        // Nothing is skipped twice, and a clock that went backwards ages nothing.
+        pending.push(&events[3..], OnFull::DropOldest);
+        assert_eq!(pending.expire(at(1000), Duration::ZERO), 0);
+        assert_eq!(pending.expire(now, Duration::ZERO), 1);
+        assert_eq!(
+            lagged(pending.next_frame(10, usize::MAX).expect("frame")),
+            1
+        );
+        assert!(!pending.has_frame());
     }
 
     #[test]

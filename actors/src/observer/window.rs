@@ -1,0 +1,202 @@
+//! How much an Observer has handed to the socket that its client has not
+//! consumed yet, learnt from pings used as acknowledgements.
+//!
+//! Every frame of events (or `lagged` notice) is followed by a ping carrying a
+//! sequence number. A WebSocket endpoint answers a ping with a pong carrying
+//! the same payload, and it reads frames in order, so the pong for ping `k`
+//! proves that the client took in everything sent before ping `k` (RFC 6455
+//! §5.5.2–5.5.3): whatever sat in the kernels' buffers, a proxy or the client
+//! library has been consumed. [`AckWindow`] keeps the frames sent beyond the
+//! last pong (bounded in bytes) and how long recent frames took to be
+//! consumed, which is what the Observer needs to keep its client fresh: it
+//! stops writing when the window is full, and it skips events that would be
+//! older than the freshness bound by the time the client could read them.
+//!
+//! Pure bookkeeping: the caller passes the time in.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+// Tokio's clock, so that the Observer's tests can pause time.
+use tokio::time::Instant;
+
+/// Prefix of the Observer's ping payloads, so a pong answering one can be
+/// told from anything else a client may send.
+const PREFIX: &str = "sluice:";
+
+/// Frames sent and not yet acknowledged, closed by one ping.
+#[derive(Debug)]
+struct Segment {
+    /// The ping's sequence number.
+    seq: u64,
+    /// Bytes of the frames before the ping (since the previous ping).
+    bytes: usize,
+    /// When the ping was handed to the socket.
+    sent_at: Instant,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub(super) struct AckWindow {
+    /// Unacknowledged bytes at most; past it, [`AckWindow::has_room`] is false.
+    limit: usize,
+    /// Segments not yet acknowledged, oldest first.
+    in_flight: VecDeque<Segment>,
+    /// Their bytes, summed.
+    unacked: usize,
+    /// The next ping's sequence number.
+    next_seq: u64,
+    /// How long the last acknowledged segment took from the socket to the
+    /// client: the time a frame sent now can be expected to take, while the
+    /// link and the client keep their pace.
+    transit: Duration,
+}
+
+impl AckWindow {
+    /// A window of `limit` bytes (at least 1).
+    pub(super) fn new(limit: usize) -> AckWindow {
+        AckWindow {
+            limit: limit.max(1),
+            in_flight: VecDeque::new(),
+            unacked: 0,
+            next_seq: 1,
+            transit: Duration::ZERO,
+        }
+    }
+
+    /// Whether another frame may be sent.
+    pub(super) fn has_room(&self) -> bool {
+        self.unacked < self.limit
+    }
+
+    /// Whether nothing sent is waiting for its pong.
+    pub(super) fn is_idle(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+
+    /// Records `bytes` just handed to the socket, followed by a ping; returns
+    /// the ping's payload.
+    pub(super) fn sent(&mut self, bytes: usize, now: Instant) -> Bytes {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.in_flight.push_back(Segment {
+            seq,
+            bytes,
+            sent_at: now,
+        });
+        self.unacked += bytes;
+        Bytes::from(format!("{PREFIX}{seq}"))
+    }
+
+    /// Takes a pong's payload: if it answers one of our pings, everything up
+    /// to that ping is consumed. Returns whether it acknowledged anything.
+    pub(super) fn acked(&mut self, payload: &[u8], now: Instant) -> bool {
+        let Some(seq) = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|text| text.strip_prefix(PREFIX))
+            .and_then(|digits| digits.parse::<u64>().ok())
+        else {
+            return false;
+        };
+        if seq >= self.next_seq {
+            return false; // Never sent: not an acknowledgement.
+        }
+        let mut acked = false;
+        while let Some(front) = self.in_flight.front() {
+            if front.seq > seq {
+                break;
+            }
+            if front.seq == seq {
+                self.transit = now.saturating_duration_since(front.sent_at);
+            }
+            self.unacked -= front.bytes;
+            self.in_flight.pop_front();
+            acked = true;
+        }
+        acked
+    }
+
+    /// How long a frame sent now is expected to take to reach the client: the
+    /// last measured transit, or longer if the oldest frame still in flight
+    /// has already waited longer (the client slowed down, or stopped).
+    pub(super) fn expected_transit(&self, now: Instant) -> Duration {
+        let waiting = self.in_flight.front().map_or(Duration::ZERO, |oldest| {
+            now.saturating_duration_since(oldest.sent_at)
+        });
+        self.transit.max(waiting)
+    }
+
+    /// Unacknowledged bytes.
+    #[cfg(test)]
+    fn unacked(&self) -> usize {
+        self.unacked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pong_acknowledges_everything_before_its_ping() {
+        let t0 = Instant::now();
+        let mut window = AckWindow::new(100);
+        let a = window.sent(40, t0);
+        let b = window.sent(40, t0);
+        assert!(window.has_room());
+        let c = window.sent(40, t0 + Duration::from_millis(10));
+        assert!(!window.has_room(), "120 bytes in flight of 100");
+        assert_eq!(window.unacked(), 120);
+
+        // The pong for b covers a and b: pongs may be coalesced or lost.
+        assert!(window.acked(&b, t0 + Duration::from_millis(300)));
+        assert_eq!(window.unacked(), 40);
+        assert!(window.has_room());
+        assert_eq!(
+            window.expected_transit(t0 + Duration::from_millis(310)),
+            Duration::from_millis(300)
+        );
+        // A late pong for a acknowledges nothing more.
+        assert!(!window.acked(&a, t0 + Duration::from_millis(320)));
+        assert!(window.acked(&c, t0 + Duration::from_millis(60)));
+        assert!(window.is_idle());
+        assert_eq!(window.expected_transit(t0), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_frame_waiting_longer_than_the_last_transit_raises_the_estimate() {
+        let t0 = Instant::now();
+        let mut window = AckWindow::new(1000);
+        let a = window.sent(10, t0);
+        window.acked(&a, t0 + Duration::from_millis(5));
+        window.sent(10, t0 + Duration::from_millis(10));
+        assert_eq!(
+            window.expected_transit(t0 + Duration::from_millis(12)),
+            Duration::from_millis(5)
+        );
+        // The client stopped reading: the frame in flight has waited 3 s.
+        assert_eq!(
+            window.expected_transit(t0 + Duration::from_millis(3010)),
+            Duration::from_secs(3)
+        );
+    }
+
+    #[test]
+    fn pongs_that_are_not_ours_are_ignored() {
+        let t0 = Instant::now();
+        let mut window = AckWindow::new(10);
+        window.sent(10, t0);
+        for payload in [
+            &b""[..],
+            b"1",
+            b"sluice:",
+            b"sluice:x",
+            b"\xff\xfe",
+            b"sluice:99",
+        ] {
+            assert!(!window.acked(payload, t0), "{payload:?}");
+        }
+        assert!(!window.has_room());
+    }
+}
