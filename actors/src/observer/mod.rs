@@ -134,7 +134,10 @@ pub struct ObserverSettings {
     /// skipped and told as missed.
     pub max_lag: Duration,
     /// Bytes written and not yet acknowledged by the client's pongs, at most
-    /// (`WS_WINDOW_BYTES`); a frame is at most a quarter of it (or one event).
+    /// (`WS_WINDOW_BYTES`). The window shrinks (to 4 KiB at least) while the
+    /// client takes longer than a quarter of `max_lag` to consume a frame,
+    /// and grows back when it is quick; a frame holds at most a quarter of
+    /// the window (or one event, if larger).
     pub window_bytes: usize,
 }
 
@@ -150,13 +153,6 @@ impl Default for ObserverSettings {
             max_lag: Duration::from_secs(2),
             window_bytes: 64 * 1024,
         }
-    }
-}
-
-impl ObserverSettings {
-    /// The most bytes of events put in one frame (one event may exceed it).
-    fn frame_bytes(&self) -> usize {
-        (self.window_bytes / 4).max(1)
     }
 }
 
@@ -270,7 +266,7 @@ impl Observer {
         Observer {
             id: ObserverId::next(),
             pending: Pending::new(settings.buffer),
-            window: AckWindow::new(settings.window_bytes),
+            window: AckWindow::new(settings.window_bytes, settings.max_lag / 4),
             backlog: LiveBacklog::new(mailbox_events(&settings)),
             settings,
             observable,
@@ -369,7 +365,7 @@ impl Observer {
                 Ok(mut permits) => {
                     let frame = self.pending.next_frame(
                         self.settings.max_events_per_frame,
-                        self.settings.frame_bytes(),
+                        self.window.frame_bytes(),
                     );
                     if let (Some(frame), Some(first), Some(second)) =
                         (frame, permits.next(), permits.next())

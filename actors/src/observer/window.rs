@@ -12,6 +12,15 @@
 //! stops writing when the window is full, and it skips events that would be
 //! older than the freshness bound by the time the client could read them.
 //!
+//! The window adapts to the client, as delay-based congestion control does:
+//! when a frame took longer than a quarter of the freshness bound to be
+//! consumed, the window is halved (once per round trip, down to
+//! [`MIN_WINDOW`]); while frames take less than half of that, it grows by an
+//! eighth per acknowledgement, up to the configured size. A fast client keeps
+//! the whole window; a slow one gets a window it drains quickly, so the time
+//! a frame spends in flight, and the error in predicting it, stay small
+//! beside the bound.
+//!
 //! Pure bookkeeping: the caller passes the time in.
 
 use std::collections::VecDeque;
@@ -24,6 +33,9 @@ use tokio::time::Instant;
 /// Prefix of the Observer's ping payloads, so a pong answering one can be
 /// told from anything else a client may send.
 const PREFIX: &str = "sluice:";
+
+/// The smallest the window gets, in bytes (unless configured smaller).
+pub(super) const MIN_WINDOW: usize = 4096;
 
 /// Frames sent and not yet acknowledged, closed by one ping.
 #[derive(Debug)]
@@ -39,8 +51,18 @@ struct Segment {
 /// See the module docs.
 #[derive(Debug)]
 pub(super) struct AckWindow {
-    /// Unacknowledged bytes at most; past it, [`AckWindow::has_room`] is false.
+    /// Unacknowledged bytes at most now; past it, [`AckWindow::has_room`] is
+    /// false. Between `min` and `max`.
     limit: usize,
+    /// The configured window, which `limit` never exceeds.
+    max: usize,
+    /// The smallest `limit` gets.
+    min: usize,
+    /// The longest a frame should take to be consumed; longer halves `limit`.
+    target: Duration,
+    /// `limit` was last halved when the ping with this number was the latest
+    /// sent: acknowledgements of pings up to it do not halve it again.
+    cut_at: u64,
     /// Segments not yet acknowledged, oldest first.
     in_flight: VecDeque<Segment>,
     /// Their bytes, summed.
@@ -54,10 +76,16 @@ pub(super) struct AckWindow {
 }
 
 impl AckWindow {
-    /// A window of `limit` bytes (at least 1).
-    pub(super) fn new(limit: usize) -> AckWindow {
+    /// A window of at most `max` bytes (at least 1), shrinking while frames
+    /// take longer than `target` to be consumed.
+    pub(super) fn new(max: usize, target: Duration) -> AckWindow {
+        let max = max.max(1);
         AckWindow {
-            limit: limit.max(1),
+            limit: max,
+            max,
+            min: MIN_WINDOW.min(max),
+            target,
+            cut_at: 0,
             in_flight: VecDeque::new(),
             unacked: 0,
             next_seq: 1,
@@ -107,14 +135,36 @@ impl AckWindow {
             if front.seq > seq {
                 break;
             }
-            if front.seq == seq {
-                self.transit = now.saturating_duration_since(front.sent_at);
-            }
+            let measured = (front.seq == seq).then(|| now.saturating_duration_since(front.sent_at));
             self.unacked -= front.bytes;
             self.in_flight.pop_front();
             acked = true;
+            if let Some(transit) = measured {
+                self.transit = transit;
+                self.adapt(seq);
+            }
         }
         acked
+    }
+
+    /// Halves the window if the frame just acknowledged (ping `seq`) took
+    /// too long and it was sent after the last cut; grows it while frames
+    /// are quick.
+    fn adapt(&mut self, seq: u64) {
+        if self.transit > self.target {
+            if seq > self.cut_at {
+                self.limit = (self.limit / 2).max(self.min);
+                self.cut_at = self.next_seq - 1;
+            }
+        } else if self.transit <= self.target / 2 {
+            self.limit = (self.limit + (self.limit / 8).max(1)).min(self.max);
+        }
+    }
+
+    /// The most bytes of events to put in one frame: a quarter of the
+    /// window, so that several frames are in flight at once.
+    pub(super) fn frame_bytes(&self) -> usize {
+        (self.limit / 4).max(1)
     }
 
     /// How long a frame sent now is expected to take to reach the client: the
@@ -132,16 +182,25 @@ impl AckWindow {
     fn unacked(&self) -> usize {
         self.unacked
     }
+
+    /// The window now.
+    #[cfg(test)]
+    fn limit(&self) -> usize {
+        self.limit
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A target no test frame reaches: the window does not adapt.
+    const HOUR: Duration = Duration::from_secs(3600);
+
     #[test]
     fn a_pong_acknowledges_everything_before_its_ping() {
         let t0 = Instant::now();
-        let mut window = AckWindow::new(100);
+        let mut window = AckWindow::new(100, HOUR);
         let a = window.sent(40, t0);
         let b = window.sent(40, t0);
         assert!(window.has_room());
@@ -167,7 +226,7 @@ mod tests {
     #[test]
     fn a_frame_waiting_longer_than_the_last_transit_raises_the_estimate() {
         let t0 = Instant::now();
-        let mut window = AckWindow::new(1000);
+        let mut window = AckWindow::new(1000, HOUR);
         let a = window.sent(10, t0);
         window.acked(&a, t0 + Duration::from_millis(5));
         window.sent(10, t0 + Duration::from_millis(10));
@@ -185,7 +244,7 @@ mod tests {
     #[test]
     fn pongs_that_are_not_ours_are_ignored() {
         let t0 = Instant::now();
-        let mut window = AckWindow::new(10);
+        let mut window = AckWindow::new(10, HOUR);
         window.sent(10, t0);
         for payload in [
             &b""[..],
@@ -198,5 +257,36 @@ mod tests {
             assert!(!window.acked(payload, t0), "{payload:?}");
         }
         assert!(!window.has_room());
+    }
+
+    #[test]
+    fn the_window_shrinks_for_a_slow_client_and_grows_back_for_a_fast_one() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut window = AckWindow::new(64 * 1024, ms(500));
+        assert_eq!(window.frame_bytes(), 16 * 1024);
+        // Four frames sent together take 800 ms to be consumed: one cut,
+        // not four, since all were sent before the first cut was made.
+        let pings: Vec<_> = (0..4).map(|_| window.sent(16 * 1024, t0)).collect();
+        for ping in &pings {
+            window.acked(ping, t0 + ms(800));
+        }
+        assert_eq!(window.limit(), 32 * 1024);
+        // Still slow for frames sent after the cut: halved again, down to
+        // the floor at most.
+        for round in 1..10 {
+            let sent_at = t0 + ms(1000 * round);
+            let ping = window.sent(1024, sent_at);
+            window.acked(&ping, sent_at + ms(700));
+        }
+        assert_eq!(window.limit(), MIN_WINDOW);
+        assert_eq!(window.frame_bytes(), MIN_WINDOW / 4);
+        // Quick again: the window grows back to the configured size, no further.
+        for round in 10..100 {
+            let sent_at = t0 + ms(1000 * round);
+            let ping = window.sent(1024, sent_at);
+            window.acked(&ping, sent_at + ms(10));
+        }
+        assert_eq!(window.limit(), 64 * 1024);
     }
 }
