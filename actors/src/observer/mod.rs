@@ -1188,6 +1188,34 @@ mod tests {
     }
 
     #[actix::test]
+    async fn a_client_that_reads_but_never_acknowledges_is_closed_as_stalled() {
+        tokio::time::pause();
+        let mut settings = quiet(1000, OnFull::DropOldest);
+        settings.window_bytes = 4096;
+        settings.stall_timeout = Duration::from_secs(5);
+        let (mut client, _) = connect(settings, None, false);
+        client
+            .addr
+            .send(Deliver {
+                permit: None,
+                events: sized(0..100, 1000, Duration::ZERO),
+                missed: 0,
+            })
+            .await
+            .expect("observer alive");
+        // Frames and pings are read, pongs never sent: the window stays
+        // full while events wait, and the stall timeout ends the session.
+        let code = loop {
+            match next_raw(&mut client).await {
+                Message::Text(_) | Message::Ping(_) => {}
+                other => break close_code(other),
+            }
+        };
+        assert_eq!(code, CLOSE_STALLED);
+        assert_ended(&mut client).await;
+    }
+
+    #[actix::test]
     async fn events_too_old_to_show_are_skipped_and_told() {
         let mut settings = quiet(1000, OnFull::DropOldest);
         settings.max_lag = Duration::from_secs(2);
