@@ -557,9 +557,14 @@ mod tests {
         conn.send(Message::Text("not json".into()))
             .await
             .expect("send");
-        match conn.next().await.expect("frame").expect("valid") {
-            Frame::Close(Some(reason)) => assert_eq!(reason.code, CloseCode::Policy),
-            other => panic!("unexpected {other:?}"),
+        // The events frame was followed by the Observer's ping (its
+        // acknowledgement request); the close comes after it.
+        loop {
+            match conn.next().await.expect("frame").expect("valid") {
+                Frame::Ping(_) => {}
+                Frame::Close(Some(reason)) => break assert_eq!(reason.code, CloseCode::Policy),
+                other => panic!("unexpected {other:?}"),
+            }
         }
         handle.stop(false).await;
     }
