@@ -34,6 +34,11 @@ use tokio::time::Instant;
 /// told from anything else a client may send.
 const PREFIX: &str = "sluice:";
 
+/// How many recent transits the expectation looks at (it takes the longest):
+/// the window and the link's queue oscillate, and a frame sent now may wait
+/// as long as the slowest of the last few did.
+const RECENT_TRANSITS: usize = 8;
+
 /// The smallest the window gets, in bytes (unless configured smaller).
 pub(super) const MIN_WINDOW: usize = 4096;
 
@@ -70,9 +75,12 @@ pub(super) struct AckWindow {
     /// The next ping's sequence number.
     next_seq: u64,
     /// How long the last acknowledged segment took from the socket to the
-    /// client: the time a frame sent now can be expected to take, while the
-    /// link and the client keep their pace.
+    /// client (what adapts the window).
     transit: Duration,
+    /// The last [`RECENT_TRANSITS`] transits, newest last: the longest is
+    /// the time a frame sent now can be expected to take, while the link and
+    /// the client keep their pace.
+    recent: VecDeque<Duration>,
 }
 
 impl AckWindow {
@@ -90,6 +98,7 @@ impl AckWindow {
             unacked: 0,
             next_seq: 1,
             transit: Duration::ZERO,
+            recent: VecDeque::with_capacity(RECENT_TRANSITS),
         }
     }
 
@@ -141,6 +150,10 @@ impl AckWindow {
             acked = true;
             if let Some(transit) = measured {
                 self.transit = transit;
+                if self.recent.len() == RECENT_TRANSITS {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back(transit);
                 self.adapt(seq);
             }
         }
@@ -168,13 +181,15 @@ impl AckWindow {
     }
 
     /// How long a frame sent now is expected to take to reach the client: the
-    /// last measured transit, or longer if the oldest frame still in flight
-    /// has already waited longer (the client slowed down, or stopped).
+    /// longest of the recent transits, or longer if the oldest frame still
+    /// in flight has already waited longer (the client slowed down, or
+    /// stopped).
     pub(super) fn expected_transit(&self, now: Instant) -> Duration {
         let waiting = self.in_flight.front().map_or(Duration::ZERO, |oldest| {
             now.saturating_duration_since(oldest.sent_at)
         });
-        self.transit.max(waiting)
+        let recent = self.recent.iter().copied().max().unwrap_or_default();
+        recent.max(waiting)
     }
 
     /// Unacknowledged bytes.
@@ -220,6 +235,12 @@ mod tests {
         assert!(!window.acked(&a, t0 + Duration::from_millis(320)));
         assert!(window.acked(&c, t0 + Duration::from_millis(60)));
         assert!(window.is_idle());
+        // The longest recent transit counts, not only the last.
+        assert_eq!(window.expected_transit(t0), Duration::from_millis(300));
+        for _ in 0..RECENT_TRANSITS {
+            let ping = window.sent(1, t0);
+            window.acked(&ping, t0 + Duration::from_millis(50));
+        }
         assert_eq!(window.expected_transit(t0), Duration::from_millis(50));
     }
 
