@@ -233,6 +233,20 @@ pub struct Config {
     /// at most; past it, copies are dropped and counted (never waited for).
     #[arg(long, env = "LIVE_STREAM_MAX_UNCONFIRMED", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub live_stream_max_unconfirmed: u32,
+
+    // WebSocket freshness bound (issue 9).
+    /// No WebSocket client is handed an event older than this, counted from
+    /// when Sluice received it; a client that falls further behind skips
+    /// ahead and is told `{"type":"lagged","missed":N}`.
+    #[arg(long, env = "WS_MAX_LAG", default_value = "2s", value_parser = parse_max_lag)]
+    pub ws_max_lag: Duration,
+
+    /// Bytes written to a WebSocket client and not yet acknowledged (by the
+    /// pong to a ping sent after them), at most; also the socket's send
+    /// buffer. Larger suits fast clients on long links, smaller keeps slow
+    /// links fresher.
+    #[arg(long, env = "WS_WINDOW_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(4096..=64 * 1024 * 1024))]
+    pub ws_window_bytes: u32,
 }
 
 /// `LIVE_FEED` values.
@@ -368,6 +382,8 @@ impl Config {
                 heartbeat: self.ws_heartbeat,
                 client_timeout: self.ws_heartbeat * 3,
                 stall_timeout: self.ws_stall_timeout,
+                max_lag: self.ws_max_lag,
+                window_bytes: self.ws_window_bytes as usize,
                 ..Default::default()
             },
         }
@@ -435,6 +451,15 @@ fn parse_ws_on_full(value: &str) -> Result<WsOnFull, String> {
 fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value)
         .map_err(|e| format!("{e} (expected e.g. `500ms`, `30s`, `20m`)"))
+}
+
+fn parse_max_lag(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        lag if lag < Duration::from_millis(100) => {
+            Err("must be at least 100ms: a client needs time to read what it is sent".into())
+        }
+        lag => Ok(lag),
+    }
 }
 
 fn parse_prefix(value: &str) -> Result<String, String> {
@@ -585,6 +610,26 @@ mod tests {
             .expect_err("spaces are refused")
             .to_string();
         assert!(err.contains("--instance-name"), "{err}");
+    }
+
+    #[test]
+    fn the_freshness_bound_parses_and_names_itself_when_wrong() {
+        let c = parse(&[]).expect("defaults parse").service;
+        assert_eq!(c.ws_max_lag, Duration::from_secs(2));
+        assert_eq!(c.ws().observer.max_lag, Duration::from_secs(2));
+        assert_eq!(c.ws().observer.window_bytes, 64 * 1024);
+        let c = parse(&["--ws-max-lag", "500ms"]).expect("parses").service;
+        assert_eq!(c.ws().observer.max_lag, Duration::from_millis(500));
+        for bad in ["0s", "10ms", "soon"] {
+            let err = parse(&["--ws-max-lag", bad])
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("--ws-max-lag"), "{err}");
+        }
+        let err = parse(&["--ws-window-bytes", "100"])
+            .expect_err("too small")
+            .to_string();
+        assert!(err.contains("--ws-window-bytes"), "{err}");
     }
 
     #[test]

@@ -206,6 +206,7 @@ impl Application {
             pool: pool.clone(),
         });
         let metrics = web::Data::new(metrics);
+        let send_buffer = config.ws_window_bytes as usize;
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(readiness.clone())
@@ -219,6 +220,7 @@ impl Application {
                 .route("/", web::get().to(routes::dashboard::index))
                 .route("/static/{file:.*}", web::get().to(routes::dashboard::asset))
         })
+        .on_connect(move |connection, _| ws::limit_send_buffer(connection, send_buffer))
         .workers(2)
         .disable_signals()
         .shutdown_timeout(2)

@@ -17,6 +17,7 @@
 //! [`WsConfig::max_frame_bytes`] end the session with 1009), and what it writes
 //! into its channel is encoded onto the response body.
 
+use std::any::Any;
 use std::io;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -259,6 +260,22 @@ pub async fn ws_route(
     .with_since(admission.since)
     .start_with(decode_frames(payload, codec.clone()));
     Ok(response.streaming(encode_frames(frames, codec)))
+}
+
+/// For `HttpServer::on_connect`: keeps each accepted connection's kernel send
+/// buffer at `bytes` (Linux doubles it for bookkeeping) instead of letting
+/// autotuning grow it to megabytes. The Observer's acknowledgement window
+/// already bounds what a WebSocket client has in flight; a small send buffer
+/// makes a slow socket fill its channel promptly, so events wait in the
+/// Observer, where the freshness bound applies. Applies to every HTTP
+/// connection, since which one will upgrade is not known yet: the other
+/// responses (pages, metrics) are small. A failure is logged, not fatal.
+pub fn limit_send_buffer(connection: &dyn Any, bytes: usize) {
+    if let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        if let Err(err) = socket2::SockRef::from(stream).set_send_buffer_size(bytes) {
+            log::warn!("cannot set SO_SNDBUF to {bytes} on an HTTP connection: {err}");
+        }
+    }
 }
 
 /// Whether a browser page from `origin` may open a session.
@@ -584,9 +601,14 @@ mod tests {
         conn.send(Message::Text("not json".into()))
             .await
             .expect("send");
-        match conn.next().await.expect("frame").expect("valid") {
-            Frame::Close(Some(reason)) => assert_eq!(reason.code, CloseCode::Policy),
-            other => panic!("unexpected {other:?}"),
+        // The events frame was followed by the Observer's ping (its
+        // acknowledgement request); the close comes after it.
+        loop {
+            match conn.next().await.expect("frame").expect("valid") {
+                Frame::Ping(_) => {}
+                Frame::Close(Some(reason)) => break assert_eq!(reason.code, CloseCode::Policy),
+                other => panic!("unexpected {other:?}"),
+            }
         }
         handle.stop(false).await;
     }

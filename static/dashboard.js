@@ -488,6 +488,10 @@
   let missed = 0;
   let paused = false;
   let pausedSkipped = 0;
+  /** When the service received the newest event shown (ms since the epoch). */
+  let newestShownAt = null;
+  /** The oldest any event was when it was shown, in ms (this page's clock). */
+  let worstShownAgeMs = 0;
 
   function payloadText(payload) {
     if (typeof payload === "string") return payload;
@@ -536,6 +540,7 @@
     frameRequested = false;
     const batch = pending.slice(-TAIL_ROWS);
     pending = [];
+    noteShown(batch);
     const fragment = document.createDocumentFragment();
     for (let i = batch.length - 1; i >= 0; i -= 1) fragment.appendChild(eventRow(batch[i]));
     tbody.insertBefore(fragment, tbody.firstChild);
@@ -545,6 +550,9 @@
     body.dataset.tailRows = String(tbody.rows.length);
   }
 
+  /** The oldest an event was when its frame arrived, in ms (this page's clock). */
+  let worstArrivalAgeMs = 0;
+
   function onEvents(events) {
     for (const event of events) {
       if (Number.isFinite(event.position) && (lastPosition === null || event.position > lastPosition)) {
@@ -552,6 +560,11 @@
       }
     }
     if (lastPosition !== null) body.dataset.position = String(lastPosition);
+    const first = events.length ? Date.parse(events[0].received_at) : NaN;
+    if (Number.isFinite(first)) {
+      worstArrivalAgeMs = Math.max(worstArrivalAgeMs, Date.now() - first);
+      body.dataset.worstArrivalAgeMs = String(Math.round(worstArrivalAgeMs));
+    }
     eventsSeen += events.length;
     body.dataset.eventsSeen = String(eventsSeen);
     if (paused) {
@@ -567,6 +580,43 @@
       requestAnimationFrame(flushTail);
     }
   }
+
+  // Freshness: how old the newest event shown is, counted from when the
+  // service received it (the service keeps it under WS_MAX_LAG when sent).
+  // Ages use this page's clock against the service's: a skewed clock shifts
+  // them by the skew.
+  function noteShown(batch) {
+    const now = Date.now();
+    for (const event of batch) {
+      const at = Date.parse(event.received_at);
+      if (!Number.isFinite(at)) continue;
+      worstShownAgeMs = Math.max(worstShownAgeMs, now - at);
+      if (newestShownAt === null || at > newestShownAt) newestShownAt = at;
+    }
+    body.dataset.worstShownAgeMs = String(Math.round(worstShownAgeMs));
+    showFreshness();
+  }
+
+  function showFreshness() {
+    if (newestShownAt === null) return;
+    const age = Math.max(0, Date.now() - newestShownAt);
+    body.dataset.freshnessMs = String(Math.round(age));
+    setText("v-fresh", age < 10000 ? (age / 1000).toFixed(1) + " s" : fmt(age / 1000, 0) + " s");
+    setText("h-fresh", "worst shown " + (worstShownAgeMs / 1000).toFixed(1) + " s");
+  }
+
+  setInterval(showFreshness, 500);
+
+  // How late this page's own timers run (its main thread busy or starved):
+  // what the page adds to an event's age on top of what the service bounds.
+  let loopCheckAt = performance.now();
+  let worstLoopLagMs = 0;
+  setInterval(() => {
+    const now = performance.now();
+    worstLoopLagMs = Math.max(worstLoopLagMs, now - loopCheckAt - 100);
+    loopCheckAt = now;
+    body.dataset.worstLoopLagMs = String(Math.round(worstLoopLagMs));
+  }, 100);
 
   function onLagged(count) {
     missed += count;

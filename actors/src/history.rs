@@ -202,6 +202,7 @@ mod tests {
             position,
             key,
             &format!("{{\"message_id\":\"m{position}\"}}"),
+            std::time::SystemTime::now(),
         ))
     }
 

@@ -65,19 +65,27 @@ pub struct LiveEvent {
     position: u64,
     /// The AMQP routing key, for topic filters.
     routing_key: Box<str>,
+    /// When Sluice received the event: its age, against `WS_MAX_LAG`, is
+    /// counted from here.
+    received_at: SystemTime,
 }
 
 impl LiveEvent {
     /// Serialises one event at `position` (see the type's docs).
     pub fn from_event_at(event: &EventData, position: u64) -> LiveEvent {
         let plain = LiveEvent::from_event(event);
-        LiveEvent::positioned(position, &event.routing_key, &plain.json)
+        LiveEvent::positioned(position, &event.routing_key, &plain.json, event.received_at)
     }
 
     /// An event whose JSON object text without a position is `json` (as
     /// [`LiveEvent::from_event`] writes it, or as it travels in the live
     /// feed), placed at `position`: `"position"` becomes its first member.
-    pub fn positioned(position: u64, routing_key: &str, json: &str) -> LiveEvent {
+    pub fn positioned(
+        position: u64,
+        routing_key: &str,
+        json: &str,
+        received_at: SystemTime,
+    ) -> LiveEvent {
         let rest = json.strip_prefix('{').unwrap_or(json);
         let mut text = String::with_capacity(json.len() + 32);
         // Writing to a String cannot fail.
@@ -90,6 +98,7 @@ impl LiveEvent {
             json: text.into(),
             position,
             routing_key: routing_key.into(),
+            received_at,
         }
     }
 
@@ -117,17 +126,33 @@ impl LiveEvent {
             json: json.into(),
             position: 0,
             routing_key: event.routing_key.as_str().into(),
+            received_at: event.received_at,
         }
     }
 
     /// Wraps JSON text that is already a valid event object (for tests and
-    /// stand-ins).
+    /// stand-ins), received now.
     pub fn from_json(json: impl Into<Box<str>>) -> LiveEvent {
         LiveEvent {
             json: json.into(),
             position: 0,
             routing_key: "".into(),
+            received_at: SystemTime::now(),
         }
+    }
+
+    /// The same event, as if received at `at` (for tests of ageing, and for
+    /// replayed history, whose freshness counts from the replay).
+    pub fn received(self, at: SystemTime) -> LiveEvent {
+        LiveEvent {
+            received_at: at,
+            ..self
+        }
+    }
+
+    /// When Sluice received the event.
+    pub fn received_at(&self) -> SystemTime {
+        self.received_at
     }
 
     /// The JSON object text.
@@ -585,7 +610,15 @@ impl Handler<SubscribeFrom> for Observable {
             return;
         }
         let n = replay.events.len() as u64;
-        let events: Arc<[Arc<LiveEvent>]> = replay.events.into();
+        // The client asked for this history: `WS_MAX_LAG` bounds how long it
+        // may take to hand it over, counted from now, not the events' age
+        // (else a resume after more than `WS_MAX_LAG` away would replay nothing).
+        let now = SystemTime::now();
+        let events: Arc<[Arc<LiveEvent>]> = replay
+            .events
+            .into_iter()
+            .map(|event| Arc::new(LiveEvent::clone(&event).received(now)))
+            .collect();
         // A new observer has nothing in flight, so its backlog admits the
         // whole replay; its own buffer then keeps what it can and counts the rest.
         let permit = registration.backlog.try_acquire(events.len());
@@ -1081,7 +1114,7 @@ pub(crate) mod tests {
         let observable = Observable::create(|_| Observable::new().with_history(100));
         let (live, mut live_rx) = probe(16, None);
         subscribe(&observable, live.recipient(), 100).await;
-        let at = |p: u64| Arc::new(LiveEvent::positioned(p, "k", "{}"));
+        let at = |p: u64| Arc::new(LiveEvent::positioned(p, "k", "{}", SystemTime::now()));
         // Offsets 10, 11, then 2 publishes lost, then 12; then a reconnect
         // skipped offsets 13..=14 whose 2 events show as a gap too.
         observable
@@ -1109,7 +1142,12 @@ pub(crate) mod tests {
         // read the shared stream up to 10 only.
         let observable =
             Observable::create(|_| Observable::new().with_history(100).with_shared_positions());
-        let at = |p: u64| (0, Arc::new(LiveEvent::positioned(p, "k", "{}")));
+        let at = |p: u64| {
+            (
+                0,
+                Arc::new(LiveEvent::positioned(p, "k", "{}", SystemTime::now())),
+            )
+        };
         observable
             .send(Feed {
                 events: (1..=10).map(at).collect(),

@@ -306,6 +306,21 @@ pub struct FanoutResult {
     pub drain_with: Option<f64>,
     /// The service's peak RSS, MB.
     pub peak_rss_mb: Option<f64>,
+    /// A client reading one frame every 50 ms beside the others.
+    pub slow_reader: SlowClient,
+    /// A client reading as fast as it can behind a 50 KB/s link.
+    pub slow_link: SlowClient,
+}
+
+/// What a client slower than the stream saw in the fan-out (issue 9).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlowClient {
+    /// Events it received.
+    pub received: u64,
+    /// Events `lagged` told it it missed.
+    pub missed: u64,
+    /// The oldest an event was when it read it, ms (now − `received_at`).
+    pub worst_age_ms: u64,
 }
 
 /// A run in progress: what to run it with, and what it found so far.

@@ -38,6 +38,9 @@ pub const SEQ_HEADER: &str = "x-sluice-seq";
 pub const MARKER_HEADER: &str = "x-sluice-marker";
 /// Header carrying the event's AMQP routing key.
 pub const ROUTING_KEY_HEADER: &str = "x-sluice-routing-key";
+/// When the publishing instance received the event, in milliseconds since
+/// the Unix epoch: readers count `WS_MAX_LAG` from it.
+pub const RECEIVED_MS_HEADER: &str = "x-sluice-received-ms";
 
 /// Settings of the feed (both sides).
 #[derive(Debug, Clone)]

@@ -20,7 +20,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use tokio::sync::mpsc;
 
-use super::{connect, FeedSettings, MARKER_HEADER, ORIGIN_HEADER, ROUTING_KEY_HEADER, SEQ_HEADER};
+use super::{
+    connect, FeedSettings, MARKER_HEADER, ORIGIN_HEADER, RECEIVED_MS_HEADER, ROUTING_KEY_HEADER,
+    SEQ_HEADER,
+};
 use crate::event::EventData;
 use crate::internal_events::live_feed::{
     FeedDropReason, FeedLink, FeedPublishDropped, FeedPublished,
@@ -311,6 +314,14 @@ impl Link {
                 headers.insert(
                     ROUTING_KEY_HEADER.into(),
                     AMQPValue::LongString(event.routing_key.as_str().into()),
+                );
+                let received_ms = event
+                    .received_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                headers.insert(
+                    RECEIVED_MS_HEADER.into(),
+                    AMQPValue::LongLongInt(received_ms),
                 );
                 live = LiveEvent::from_event(event);
                 live.json().as_bytes()

@@ -23,7 +23,7 @@ use super::gaps::Gaps;
 use super::publisher::backoff;
 use super::{
     connect, header_str, header_u64, FeedSettings, MARKER_HEADER, ORIGIN_HEADER,
-    ROUTING_KEY_HEADER, SEQ_HEADER,
+    RECEIVED_MS_HEADER, ROUTING_KEY_HEADER, SEQ_HEADER,
 };
 use crate::internal_events::live_feed::{FeedLink, FeedRead};
 use crate::messages::LiveBacklog;
@@ -170,7 +170,14 @@ async fn read(
             let before = gap + std::mem::take(&mut state.missed);
             // Positions count from 1 (offset 0 is position 1), so that
             // `?since=0` means "from the beginning" with either feed.
-            let event = LiveEvent::positioned(offset + 1, &routing_key, json);
+            // Freshness counts from the publishing instance's receipt (an
+            // older publisher without the header: from now).
+            let received_at = header(RECEIVED_MS_HEADER)
+                .and_then(header_u64)
+                .map_or_else(std::time::SystemTime::now, |ms| {
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+                });
+            let event = LiveEvent::positioned(offset + 1, &routing_key, json, received_at);
             events.push((before, Arc::new(event)));
         }
         if let Some(tag) = last_tag {
