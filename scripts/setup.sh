@@ -22,7 +22,15 @@
 #   (postgres://postgres@127.0.0.1:5432/sluice). It is a development/CI
 #   setting: on a shared machine, set a password and put it in DATABASE_URL
 #   instead (remove the marked lines);
-# - creates the database `sluice` if it does not exist.
+# - creates the database `sluice` if it does not exist;
+# - gives PostgreSQL a server certificate the TLS tests can verify
+#   (sslmode=verify-full): a private CA and a certificate for 127.0.0.1 and
+#   localhost, made with openssl in /var/lib/postgresql/sluice-tls/ (ca.pem,
+#   readable by all, is what clients trust; server.key is the postgres
+#   user's, mode 0600), then `ALTER SYSTEM SET ssl = on, ssl_cert_file,
+#   ssl_key_file` and `pg_reload_conf()` (never a restart). Plain and
+#   sslmode=prefer/require connections keep working as before. Skipped when
+#   the server already uses that certificate; SLUICE_SETUP_PG_TLS=0 skips it.
 set -euo pipefail
 
 WITH_BROWSER=0
@@ -180,6 +188,45 @@ if [ "$(pg -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$DB_NAME'"
 else
     say "postgresql: creating database $DB_NAME"
     pg -d postgres -c "CREATE DATABASE $DB_NAME"
+fi
+
+# ---------------------------------------------------------------- PostgreSQL TLS
+# A private CA and a server certificate for 127.0.0.1/localhost, so that the
+# TLS tests can connect with sslmode=verify-full (tests/tls reads ca.pem).
+PG_TLS_DIR=/var/lib/postgresql/sluice-tls
+pg_tls_ready() {
+    [ "$(pg -d postgres -c 'SHOW ssl')" = on ] &&
+        [ "$(pg -d postgres -c 'SHOW ssl_cert_file')" = "$PG_TLS_DIR/server.pem" ] &&
+        psql "host=$PG_HOST port=$PG_PORT user=postgres dbname=postgres sslmode=verify-full sslrootcert=$PG_TLS_DIR/ca.pem" \
+            -w -X -q -At -c 'SELECT 1' >/dev/null 2>&1
+}
+if [ "${SLUICE_SETUP_PG_TLS:-1}" = 0 ]; then
+    say "postgresql tls: skipped (SLUICE_SETUP_PG_TLS=0)"
+elif pg_tls_ready; then
+    say "postgresql tls: serving $PG_TLS_DIR/server.pem (verify-full works)"
+else
+    command -v openssl >/dev/null || die "openssl is needed to make the PostgreSQL test certificate"
+    say "postgresql tls: making a CA and a server certificate in $PG_TLS_DIR"
+    tmp=$(mktemp -d)
+    openssl req -x509 -new -newkey rsa:2048 -nodes -days 3650 -subj "/CN=sluice test CA" \
+        -keyout "$tmp/ca.key" -out "$tmp/ca.pem" 2>/dev/null
+    openssl req -new -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+        -keyout "$tmp/server.key" -out "$tmp/server.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$tmp/ext"
+    openssl x509 -req -in "$tmp/server.csr" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -CAcreateserial \
+        -days 3650 -extfile "$tmp/ext" -out "$tmp/server.pem" 2>/dev/null
+    as_root mkdir -p "$PG_TLS_DIR"
+    as_root install -m 0644 "$tmp/ca.pem" "$PG_TLS_DIR/ca.pem"
+    as_root install -m 0644 "$tmp/server.pem" "$PG_TLS_DIR/server.pem"
+    as_root install -m 0600 "$tmp/server.key" "$PG_TLS_DIR/server.key"
+    as_root chown -R postgres:postgres "$PG_TLS_DIR"
+    rm -rf "$tmp"
+    pg -d postgres -c "ALTER SYSTEM SET ssl_cert_file = '$PG_TLS_DIR/server.pem'"
+    pg -d postgres -c "ALTER SYSTEM SET ssl_key_file = '$PG_TLS_DIR/server.key'"
+    pg -d postgres -c "ALTER SYSTEM SET ssl = on"
+    pg -d postgres -c 'SELECT pg_reload_conf()' >/dev/null
+    wait_for 10 "postgresql (verify-full with $PG_TLS_DIR/ca.pem)" pg_tls_ready
+    say "postgresql tls: serving $PG_TLS_DIR/server.pem"
 fi
 
 # ---------------------------------------------------------------- Rust

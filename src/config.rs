@@ -3,6 +3,7 @@
 //! message naming the setting.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -33,19 +34,27 @@ pub enum Command {
 /// The service's settings.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// AMQP URL of the broker.
+    /// AMQP URL of the broker, `amqp://` or `amqps://` (TLS) [default: the
+    /// local broker, 127.0.0.1:5672, as user guest]. Or AMQP_URL_FILE.
+    // The default and the environment's value hold passwords: kept out of --help.
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_default_value = true,
+        hide_env_values = true
     )]
     pub amqp_url: String,
 
-    /// PostgreSQL URL of the database (it must exist; tables are migrated at start).
+    /// PostgreSQL URL of the database (it must exist; tables are migrated at
+    /// start); `sslmode` and `sslrootcert` work as in libpq
+    /// [default: postgres://postgres@127.0.0.1:5432/sluice]. Or DATABASE_URL_FILE.
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/sluice"
+        default_value = "postgres://postgres@127.0.0.1:5432/sluice",
+        hide_default_value = true,
+        hide_env_values = true
     )]
     pub database_url: String,
 
@@ -160,6 +169,94 @@ pub struct Config {
     /// and acked before exiting anyway (unacked ones are redelivered).
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    // --- Production connections: TLS to the broker, secrets in files (issue 12).
+    /// A file holding AMQP_URL (a container secret); setting both is an error.
+    #[arg(long, env = "AMQP_URL_FILE")]
+    pub amqp_url_file: Option<PathBuf>,
+
+    /// A file holding DATABASE_URL; setting both is an error.
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+
+    /// A file holding AUTH_TOKEN; setting both is an error.
+    #[arg(long, env = "AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// `amqps://` only: a PEM file of the CA(s) that sign the broker's
+    /// certificate, trusted on top of the system's root certificates.
+    #[arg(long, env = "AMQP_TLS_CA")]
+    pub amqp_tls_ca: Option<PathBuf>,
+
+    /// `amqps://` only: a PEM client certificate (chain) to present, for
+    /// mutual TLS (RabbitMQ's `EXTERNAL` mechanism); needs AMQP_TLS_KEY.
+    #[arg(long, env = "AMQP_TLS_CERT")]
+    pub amqp_tls_cert: Option<PathBuf>,
+
+    /// `amqps://` only: the PEM private key of AMQP_TLS_CERT.
+    #[arg(long, env = "AMQP_TLS_KEY")]
+    pub amqp_tls_key: Option<PathBuf>,
+
+    // Your own table (issue 13).
+    /// A TOML file mapping each message to a row of an existing table (see
+    /// "Your own table" in the README). Unset: rows go to Sluice's `events`.
+    #[arg(long, env = "MAPPING")]
+    pub mapping: Option<std::path::PathBuf>,
+
+    // --- Several instances (issue 10): naming, the live feed, resume ---
+    /// This instance's name in logs, in the `sluice_instance` label of every
+    /// metric, in `/api/stats` and on the dashboard. Default: the host name.
+    #[arg(long, env = "INSTANCE_NAME", value_parser = parse_instance_name)]
+    pub instance_name: Option<String>,
+
+    /// Where dashboards' events come from: `local` (this instance's own
+    /// deliveries) or `stream` (every instance's, through the RabbitMQ
+    /// stream `P.live`, in one order: set it on every instance).
+    #[arg(long, env = "LIVE_FEED", value_enum, default_value_t = LiveFeedArg::Local)]
+    pub live_feed: LiveFeedArg,
+
+    /// Recent events kept in memory for clients that resume (`/ws?since=`)
+    /// or open with the last few (`/ws?last=`); 0 keeps none.
+    #[arg(long, env = "LIVE_HISTORY", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub live_history: u32,
+
+    /// `stream` feed: how long `P.live` keeps events (whole segments are
+    /// removed once older; e.g. `1h`). Applies when the stream is created.
+    #[arg(long, env = "LIVE_STREAM_MAX_AGE", default_value = "1h", value_parser = parse_duration)]
+    pub live_stream_max_age: Duration,
+
+    /// `stream` feed: most bytes `P.live` keeps. Applies when the stream is created.
+    #[arg(long, env = "LIVE_STREAM_MAX_BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..))]
+    pub live_stream_max_bytes: u64,
+
+    /// `stream` feed: publishes to `P.live` not yet confirmed by the broker,
+    /// at most; past it, copies are dropped and counted (never waited for).
+    #[arg(long, env = "LIVE_STREAM_MAX_UNCONFIRMED", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub live_stream_max_unconfirmed: u32,
+
+    // WebSocket freshness bound (issue 9).
+    /// No WebSocket client is handed an event older than this, counted from
+    /// when Sluice received it; a client that falls further behind skips
+    /// ahead and is told `{"type":"lagged","missed":N}`.
+    #[arg(long, env = "WS_MAX_LAG", default_value = "2s", value_parser = parse_max_lag)]
+    pub ws_max_lag: Duration,
+
+    /// Bytes written to a WebSocket client and not yet acknowledged (by the
+    /// pong to a ping sent after them), at most; also the socket's send
+    /// buffer. Larger suits fast clients on long links, smaller keeps slow
+    /// links fresher.
+    #[arg(long, env = "WS_WINDOW_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(4096..=64 * 1024 * 1024))]
+    pub ws_window_bytes: u32,
+}
+
+/// `LIVE_FEED` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LiveFeedArg {
+    /// This instance's own deliveries; positions are this instance's own.
+    Local,
+    /// Every instance's deliveries through the RabbitMQ stream `P.live`;
+    /// positions are stream offsets, the same on every instance.
+    Stream,
 }
 
 /// `QUEUE_ON_FULL` values.
@@ -194,7 +291,79 @@ pub enum BatchingArg {
     Single,
 }
 
+impl Cli {
+    /// Parses the command line and the environment, then reads the secrets
+    /// given as files (`AMQP_URL_FILE`, …). A bad value is a clap error
+    /// naming the setting (print it with `exit()`); no value is echoed.
+    pub fn load() -> Result<Cli, clap::Error> {
+        Cli::load_from(std::env::args_os())
+    }
+
+    /// [`Cli::load`] from the given arguments (tests).
+    pub fn load_from<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        cli.service.read_secret_files(&matches)?;
+        Ok(cli)
+    }
+}
+
 impl Config {
+    /// Replaces AMQP_URL, DATABASE_URL and AUTH_TOKEN by the contents of
+    /// their `*_FILE` settings where those are set.
+    fn read_secret_files(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        let given = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            )
+        };
+        if let Some(path) = &self.amqp_url_file {
+            self.amqp_url = read_secret("AMQP_URL", path, given("amqp_url"))?;
+        }
+        if let Some(path) = &self.database_url_file {
+            self.database_url = read_secret("DATABASE_URL", path, given("database_url"))?;
+        }
+        if let Some(path) = &self.auth_token_file {
+            self.auth_token = Some(read_secret("AUTH_TOKEN", path, given("auth_token"))?);
+        }
+        Ok(())
+    }
+
+    /// The broker's TLS settings (the files are read and checked here).
+    /// Given with a plain `amqp://` URL they would do nothing: that is said.
+    pub fn broker_tls(
+        &self,
+    ) -> Result<sluice_actors::tls::BrokerTls, sluice_actors::tls::TlsFileError> {
+        let any = self.amqp_tls_ca.is_some()
+            || self.amqp_tls_cert.is_some()
+            || self.amqp_tls_key.is_some();
+        if any
+            && !self
+                .amqp_url
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("amqps://")
+        {
+            log::warn!(
+                "AMQP_TLS_CA/AMQP_TLS_CERT/AMQP_TLS_KEY are set but AMQP_URL is not amqps://: \
+                 the broker connection is plain text and they are not used"
+            );
+        }
+        sluice_actors::tls::BrokerTls::from_files(
+            self.amqp_tls_ca.as_deref(),
+            self.amqp_tls_cert.as_deref(),
+            self.amqp_tls_key.as_deref(),
+        )
+    }
+
     /// The `/ws` endpoint's settings.
     pub fn ws(&self) -> crate::ws::WsConfig {
         crate::ws::WsConfig {
@@ -213,9 +382,23 @@ impl Config {
                 heartbeat: self.ws_heartbeat,
                 client_timeout: self.ws_heartbeat * 3,
                 stall_timeout: self.ws_stall_timeout,
+                max_lag: self.ws_max_lag,
+                window_bytes: self.ws_window_bytes as usize,
                 ..Default::default()
             },
         }
+    }
+
+    /// `INSTANCE_NAME`, or the host name when it is not set (`sluice` if
+    /// even that cannot be read).
+    pub fn instance(&self) -> String {
+        self.instance_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|name| name.into_string().ok())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "sluice".to_owned())
+        })
     }
 
     /// The dispatch strategy these settings describe.
@@ -231,6 +414,36 @@ impl Config {
     }
 }
 
+/// The secret in `path` for setting `name` (`NAME_FILE`): the whole file,
+/// less a trailing line break. `also_given`: `NAME` was set too.
+fn read_secret(
+    name: &str,
+    path: &std::path::Path,
+    also_given: bool,
+) -> Result<String, clap::Error> {
+    use clap::error::ErrorKind;
+    if also_given {
+        return Err(clap::Error::raw(
+            ErrorKind::ArgumentConflict,
+            format!("both {name} and {name}_FILE are set: set only one of them\n"),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        clap::Error::raw(
+            ErrorKind::Io,
+            format!("{name}_FILE={}: cannot read it: {e}\n", path.display()),
+        )
+    })?;
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.trim().is_empty() {
+        return Err(clap::Error::raw(
+            ErrorKind::InvalidValue,
+            format!("{name}_FILE={}: the file is empty\n", path.display()),
+        ));
+    }
+    Ok(value.to_owned())
+}
+
 fn parse_ws_on_full(value: &str) -> Result<WsOnFull, String> {
     value.parse()
 }
@@ -238,6 +451,15 @@ fn parse_ws_on_full(value: &str) -> Result<WsOnFull, String> {
 fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value)
         .map_err(|e| format!("{e} (expected e.g. `500ms`, `30s`, `20m`)"))
+}
+
+fn parse_max_lag(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        lag if lag < Duration::from_millis(100) => {
+            Err("must be at least 100ms: a client needs time to read what it is sent".into())
+        }
+        lag => Ok(lag),
+    }
 }
 
 fn parse_prefix(value: &str) -> Result<String, String> {
@@ -250,6 +472,19 @@ fn parse_prefix(value: &str) -> Result<String, String> {
         Ok(value.to_owned())
     } else {
         Err("expected 1 to 200 characters among letters, digits, `.`, `_` and `-`".into())
+    }
+}
+
+fn parse_instance_name(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err("expected 1 to 64 characters among letters, digits, `.`, `_` and `-`".into())
     }
 }
 
@@ -269,6 +504,13 @@ fn parse_dedupe(value: &str) -> Result<Dedupe, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Cli {
+        fn command_for_help() -> String {
+            use clap::CommandFactory;
+            Cli::command().render_long_help().to_string()
+        }
+    }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("sluice").chain(args.iter().copied()))
@@ -305,6 +547,89 @@ mod tests {
             .expect_err("bad prefix")
             .to_string();
         assert!(err.contains("--amqp-prefix"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_from_both() {
+        let dir = std::env::temp_dir().join(format!("sluice-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = dir.join("amqp_url");
+        std::fs::write(&url, "amqps://app:s3cret@mq:5671/%2f\n").expect("write");
+        let token = dir.join("token");
+        std::fs::write(&token, "tok3n").expect("write");
+        let url_arg = url.display().to_string();
+        let token_arg = token.display().to_string();
+
+        let cli = Cli::load_from([
+            "sluice",
+            "--amqp-url-file",
+            &url_arg,
+            "--auth-token-file",
+            &token_arg,
+        ])
+        .expect("files are read");
+        assert_eq!(cli.service.amqp_url, "amqps://app:s3cret@mq:5671/%2f");
+        assert_eq!(cli.service.auth_token.as_deref(), Some("tok3n"));
+
+        let err = Cli::load_from([
+            "sluice",
+            "--amqp-url-file",
+            &url_arg,
+            "--amqp-url",
+            "amqp://x:y@h",
+        ])
+        .expect_err("both set")
+        .to_string();
+        assert!(err.contains("AMQP_URL and AMQP_URL_FILE"), "{err}");
+        assert!(!err.contains("x:y"), "the value is not echoed: {err}");
+
+        let err = Cli::load_from(["sluice", "--database-url-file", "/nonexistent/db"])
+            .expect_err("missing file")
+            .to_string();
+        assert!(err.contains("DATABASE_URL_FILE=/nonexistent/db"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn help_shows_no_password() {
+        let help = Cli::command_for_help();
+        assert!(!help.contains("guest:guest"), "{help}");
+        assert!(help.contains("AMQP_TLS_CA"), "{help}");
+    }
+
+    #[test]
+    fn the_instance_name_defaults_to_the_host_name_and_is_checked() {
+        let c = parse(&[]).expect("defaults parse").service;
+        let host = nix::unistd::gethostname().expect("host name");
+        assert_eq!(c.instance(), host.to_string_lossy());
+        let c = parse(&["--instance-name", "web-2"])
+            .expect("parses")
+            .service;
+        assert_eq!(c.instance(), "web-2");
+        let err = parse(&["--instance-name", "a b"])
+            .expect_err("spaces are refused")
+            .to_string();
+        assert!(err.contains("--instance-name"), "{err}");
+    }
+
+    #[test]
+    fn the_freshness_bound_parses_and_names_itself_when_wrong() {
+        let c = parse(&[]).expect("defaults parse").service;
+        assert_eq!(c.ws_max_lag, Duration::from_secs(2));
+        assert_eq!(c.ws().observer.max_lag, Duration::from_secs(2));
+        assert_eq!(c.ws().observer.window_bytes, 64 * 1024);
+        let c = parse(&["--ws-max-lag", "500ms"]).expect("parses").service;
+        assert_eq!(c.ws().observer.max_lag, Duration::from_millis(500));
+        for bad in ["0s", "10ms", "soon"] {
+            let err = parse(&["--ws-max-lag", bad])
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("--ws-max-lag"), "{err}");
+        }
+        let err = parse(&["--ws-window-bytes", "100"])
+            .expect_err("too small")
+            .to_string();
+        assert!(err.contains("--ws-window-bytes"), "{err}");
     }
 
     #[test]

@@ -3,13 +3,17 @@
 //!
 //! Layout:
 //! - [`config`]: every setting, as flags with environment fallbacks.
+//! - [`database`]: DATABASE_URL with libpq's `sslmode` and `sslrootcert`, over rustls.
 //! - [`startup`]: builds the pipeline and the HTTP server; runs until shutdown.
 //! - [`routes`]: health checks and metrics; [`ws`]: the WebSocket endpoint.
 //! - [`telemetry`]: logging and the metrics recorder.
 //! - [`load`]: `sluice load`, the load generator (also used by the benchmark).
+//! - [`mapping`]: `--mapping mapping.toml`, rows into the user's own table.
 
 pub mod config;
+pub mod database;
 pub mod load;
+pub mod mapping;
 pub mod routes;
 pub mod startup;
 pub mod telemetry;

@@ -30,6 +30,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use sluice_actors::tls::{connect_broker, BrokerTls};
 use tokio::sync::{mpsc, Semaphore};
 
 /// Most messages sent in one burst when the pacer is behind schedule; the
@@ -166,12 +167,33 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Connect to `amqp_url` and put a channel in confirm mode.
+    /// Connect to `amqp_url` (`amqp://`; see [`Loader::connect_with`] for
+    /// `amqps://` with a private CA) and put a channel in confirm mode.
     pub async fn connect(amqp_url: &str) -> anyhow::Result<Loader> {
+        Loader::connect_with(amqp_url, &BrokerTls::default()).await
+    }
+
+    /// Connect to `amqp_url` with the TLS settings of the environment
+    /// (`AMQP_TLS_CA`, `AMQP_TLS_CERT`, `AMQP_TLS_KEY`), as the benchmark does.
+    pub async fn connect_env(amqp_url: &str) -> anyhow::Result<Loader> {
+        let path = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(std::path::PathBuf::from)
+        };
+        let tls = BrokerTls::from_files(
+            path("AMQP_TLS_CA").as_deref(),
+            path("AMQP_TLS_CERT").as_deref(),
+            path("AMQP_TLS_KEY").as_deref(),
+        )?;
+        Loader::connect_with(amqp_url, &tls).await
+    }
+
+    /// Connect to `amqp_url` with the service's TLS settings (`AMQP_TLS_*`)
+    /// and put a channel in confirm mode.
+    pub async fn connect_with(amqp_url: &str, tls: &BrokerTls) -> anyhow::Result<Loader> {
         let properties = ConnectionProperties::default().with_connection_name("sluice-load".into());
-        let connection = Connection::connect(amqp_url, properties)
-            .await
-            .with_context(|| format!("cannot connect to RabbitMQ at {amqp_url}"))?;
+        let connection = connect_broker(amqp_url, tls, properties).await?;
         let channel = connection
             .create_channel()
             .await
@@ -334,9 +356,14 @@ impl Loader {
 /// `sluice load`: publish to exchange `exchange` at `amqp_url`, stop on
 /// Ctrl-C or SIGTERM, and log a one-line summary. Fails if any message was
 /// nacked or unroutable.
-pub async fn run(amqp_url: &str, exchange: &str, args: &LoadArgs) -> anyhow::Result<LoadReport> {
+pub async fn run(
+    amqp_url: &str,
+    tls: &BrokerTls,
+    exchange: &str,
+    args: &LoadArgs,
+) -> anyhow::Result<LoadReport> {
     args.check()?;
-    let loader = Loader::connect(amqp_url).await?;
+    let loader = Loader::connect_with(amqp_url, tls).await?;
     let report = loader.run(exchange, args, interrupted()).await?;
     loader.close().await?;
     log::info!(

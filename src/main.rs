@@ -3,14 +3,13 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use sluice::config::{Cli, Command};
 use sluice::startup::Application;
 use sluice::telemetry;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    telemetry::init_logging(&cli.service.log_filter);
+    let cli = Cli::load().unwrap_or_else(|err| err.exit());
+    telemetry::init_logging(&cli.service.log_filter, &cli.service.instance());
     let result = match cli.command {
         None | Some(Command::Serve) => actix_web::rt::System::new().block_on(serve(cli.service)),
         Some(Command::Load(args)) => load(&cli.service, &args),
@@ -25,7 +24,9 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: sluice::config::Config) -> anyhow::Result<()> {
-    let metrics = telemetry::install_metrics()?;
+    let instance = config.instance();
+    log::info!("instance {instance}");
+    let metrics = telemetry::install_metrics(&instance)?;
     let app = Application::build(config, metrics).await?;
     app.run_until(shutdown_signal()).await
 }
@@ -35,8 +36,10 @@ fn load(config: &sluice::config::Config, args: &sluice::load::LoadArgs) -> anyho
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let tls = config.broker_tls()?;
     runtime.block_on(sluice::load::run(
         &config.amqp_url,
+        &tls,
         &config.amqp_prefix,
         args,
     ))?;

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
-use std::str::FromStr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,20 +17,32 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_actors::consumer::{BrokerStatus, Consumer, ConsumerSettings, Shutdown, Topology};
 use sluice_actors::event::Limits;
-use sluice_actors::messages::{DroppedCopies, LiveBacklog};
+use sluice_actors::live_feed::{self, publisher::FeedPublisher, FeedSettings};
+use sluice_actors::mapped_store::{MappedStore, TableMapping};
+use sluice_actors::messages::{DroppedCopies, LiveBacklog, Publish};
 use sluice_actors::observable::Observable;
 use sluice_actors::queue::{Queue, QueueSettings};
-use sluice_actors::store::PgStore;
+use sluice_actors::store::{PgStore, Store};
 use sluice_actors::tap::Tap;
 use sluice_actors::writer::{RetrySettings, Writer};
 
-use crate::config::Config;
+use crate::config::{Config, LiveFeedArg};
+use crate::database::DatabaseTarget;
+use crate::mapping;
 use crate::routes;
 use crate::ws::{self, WsState};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
 }
+
+/// The key of the PostgreSQL advisory lock held while migrating (an arbitrary
+/// constant: "sluice" in ASCII). Every instance of every version uses it.
+const MIGRATION_LOCK: i64 = 0x736c_7569_6365;
+
+/// How long start-up waits for the live feed to read the stream before
+/// consuming anyway (`LIVE_FEED=stream`).
+const FEED_ATTACH_WAIT: Duration = Duration::from_secs(10);
 
 /// Most deliveries handed to the Tap in one message.
 const CHUNK: usize = 512;
@@ -55,20 +67,69 @@ impl Application {
     /// Connects to the database (migrating it), starts every actor and binds
     /// the HTTP server. Must run inside an actix `System`.
     pub async fn build(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Application> {
-        let pool = connect_database(&config).await?;
-        migrate(&pool).await?;
+        let mapping = config.mapping.as_deref().map(mapping::load).transpose()?;
+        let database = DatabaseTarget::parse(&config.database_url)?;
+        let pool = connect_database(&config, &database)?;
+        migrate(&pool, &database).await?;
+        let store = writers_store(&config, &pool, mapping).await?;
+        let broker_tls = config.broker_tls()?;
 
         let live_arbiter = Arbiter::new();
         let dropped_copies = DroppedCopies::default();
         let upstream_drops = dropped_copies.clone();
-        let observable = Observable::start_in_arbiter(&live_arbiter.handle(), |ctx| {
+        let history = config.live_history as usize;
+        let stream_feed = config.live_feed == LiveFeedArg::Stream;
+        let observable = Observable::start_in_arbiter(&live_arbiter.handle(), move |ctx| {
             // Small chunks are many messages; memory is bounded in events by
             // the Tap's LiveBacklog instead.
             ctx.set_mailbox_capacity(1024);
-            Observable::with_upstream(upstream_drops)
+            if stream_feed {
+                // The Tap's drops are numbered by the feed publisher and come
+                // back, from the stream, as gaps in this instance's sequence.
+                Observable::new()
+                    .with_history(history)
+                    .with_shared_positions()
+            } else {
+                Observable::with_upstream(upstream_drops).with_history(history)
+            }
         });
         let ws = web::Data::new(WsState::new(config.ws(), observable.clone()));
         let observers = ws.connected.clone();
+        let copy_target: Recipient<Publish> = if stream_feed {
+            let feed = feed_settings(&config, &broker_tls);
+            log::info!(
+                "live feed: stream {} (every instance's events, one order)",
+                feed.stream
+            );
+            let (attached, reading) = tokio::sync::oneshot::channel();
+            let reader = live_feed::reader::run(
+                feed.clone(),
+                observable.clone().recipient(),
+                LiveBacklog::new(LIVE_BACKLOG_EVENTS),
+                attached,
+            );
+            live_arbiter.spawn(reader);
+            // Read the stream before consuming the ingest queue, so this
+            // instance's dashboards see every event it stores from the start.
+            if tokio::time::timeout(FEED_ATTACH_WAIT, reading)
+                .await
+                .is_err()
+            {
+                log::warn!(
+                    "the live feed is not reading {} after {FEED_ATTACH_WAIT:?}; \
+                     starting anyway (it keeps trying)",
+                    feed.stream
+                );
+            }
+            let drops = dropped_copies.clone();
+            FeedPublisher::start_in_arbiter(&live_arbiter.handle(), move |ctx| {
+                ctx.set_mailbox_capacity(1024);
+                FeedPublisher::new(feed, drops)
+            })
+            .recipient()
+        } else {
+            observable.clone().recipient()
+        };
 
         let writers = usize::from(config.writers);
         let queue_settings = QueueSettings {
@@ -84,12 +145,19 @@ impl Application {
             ctx.set_mailbox_capacity(writers + 4);
             Queue::new(queue_settings)
         });
+        // The Tap copies while anyone watches. With a history ring, the ring
+        // always watches: it counts as one standing observer.
+        let copy_demand = if config.live_history > 0 || stream_feed {
+            Arc::new(AtomicUsize::new(1))
+        } else {
+            observers.clone()
+        };
         let tap = Tap::create(|ctx| {
             ctx.set_mailbox_capacity(2);
             Tap::new(
                 queue.clone().recipient(),
-                observable.clone().recipient(),
-                observers.clone(),
+                copy_target,
+                copy_demand,
                 LiveBacklog::new(LIVE_BACKLOG_EVENTS),
                 dropped_copies,
             )
@@ -98,6 +166,7 @@ impl Application {
         let broker = BrokerStatus::default();
         let consumer_settings = ConsumerSettings {
             amqp_url: config.amqp_url.clone(),
+            tls: broker_tls,
             topology: Topology::new(&config.amqp_prefix),
             prefetch: config.amqp_prefetch,
             quorum: config.amqp_quorum,
@@ -118,7 +187,6 @@ impl Application {
             })
         };
 
-        let store = Arc::new(PgStore::new(pool.clone()));
         for id in 0..writers {
             Writer::new(
                 id,
@@ -138,6 +206,7 @@ impl Application {
             pool: pool.clone(),
         });
         let metrics = web::Data::new(metrics);
+        let send_buffer = config.ws_window_bytes as usize;
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(readiness.clone())
@@ -151,6 +220,7 @@ impl Application {
                 .route("/", web::get().to(routes::dashboard::index))
                 .route("/static/{file:.*}", web::get().to(routes::dashboard::asset))
         })
+        .on_connect(move |connection, _| ws::limit_send_buffer(connection, send_buffer))
         .workers(2)
         .disable_signals()
         .shutdown_timeout(2)
@@ -213,15 +283,61 @@ impl std::fmt::Debug for Application {
     }
 }
 
-/// The writers' pool (plus two connections for `/readyz` and migrations).
-async fn connect_database(config: &Config) -> anyhow::Result<Pool> {
-    let mut pg = tokio_postgres::Config::from_str(&config.database_url)
-        .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    pg.connect_timeout(Duration::from_secs(5));
-    pg.application_name("sluice");
+/// Where the writers write: Sluice's `events` table, or the user's own
+/// table once the mapping has been checked against it.
+async fn writers_store(
+    config: &Config,
+    pool: &Pool,
+    mapping: Option<TableMapping>,
+) -> anyhow::Result<Arc<dyn Store>> {
+    let Some(mapping) = mapping else {
+        return Ok(Arc::new(PgStore::new(pool.clone())));
+    };
+    let client = pool.get().await.context("connecting to check MAPPING")?;
+    let path = config
+        .mapping
+        .as_deref()
+        .unwrap_or(std::path::Path::new(""));
+    mapping::check(&client, &mapping).await.with_context(|| {
+        format!(
+            "MAPPING: the table does not fit the mapping in {}",
+            path.display()
+        )
+    })?;
+    log::info!(
+        "writing into table {} ({} mapped columns)",
+        mapping.table,
+        mapping.columns.len()
+    );
+    Ok(Arc::new(MappedStore::new(pool.clone(), mapping)))
+}
+
+/// The live feed's settings (`LIVE_FEED=stream`).
+fn feed_settings(config: &Config, tls: &sluice_actors::tls::BrokerTls) -> FeedSettings {
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    FeedSettings {
+        amqp_url: config.amqp_url.clone(),
+        tls: tls.clone(),
+        stream: format!("{}.live", config.amqp_prefix),
+        max_age: config.live_stream_max_age,
+        max_bytes: config.live_stream_max_bytes,
+        max_unconfirmed: config.live_stream_max_unconfirmed as usize,
+        // One sequence per process: a restarted instance is a new origin.
+        origin: format!("{}/{}-{started_ms}", config.instance(), std::process::id()),
+        prefetch: 1000,
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(10),
+    }
+}
+
+/// The writers' pool (plus two connections for `/readyz` and migrations),
+/// over TLS as `sslmode` in DATABASE_URL asks.
+fn connect_database(config: &Config, database: &DatabaseTarget) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
-        pg,
-        tokio_postgres::NoTls,
+        database.pool_config(),
+        database.connector()?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -237,31 +353,57 @@ async fn connect_database(config: &Config) -> anyhow::Result<Pool> {
 }
 
 /// Applies the migrations in `migrations/`, waiting up to a minute for the
-/// database to come up.
-async fn migrate(pool: &Pool) -> anyhow::Result<()> {
+/// database to come up (but not for a certificate it refused).
+async fn migrate(pool: &Pool, database: &DatabaseTarget) -> anyhow::Result<()> {
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(5))
         .with_total_delay(Some(Duration::from_secs(60)))
         .with_jitter()
         .build();
-    let mut client = loop {
+    let client = loop {
         match pool.get().await {
             Ok(client) => break client,
+            Err(err) if DatabaseTarget::is_certificate_error(&err) => {
+                bail!("{}", database.describe_error(&err))
+            }
             Err(err) => match delays.next() {
                 Some(delay) => {
-                    log::warn!("database unavailable ({err}); retrying in {delay:?}");
+                    log::warn!(
+                        "database unavailable ({}); retrying in {delay:?}",
+                        database.describe_error(&err)
+                    );
                     tokio::time::sleep(delay).await;
                 }
-                None => return Err(err).context("cannot connect to the database (DATABASE_URL)"),
+                None => bail!("{}", database.describe_error(&err)),
             },
         }
     };
+    // Migrations run under a session-level advisory lock held on the very
+    // connection refinery uses, so instances started together take turns:
+    // the first applies, the others then find nothing to do. (Without it,
+    // two concurrent `CREATE TABLE IF NOT EXISTS refinery_schema_history`
+    // race on the catalogue and one fails with a duplicate `pg_type` key.)
+    // The connection is taken out of the pool, so whatever happens below,
+    // closing it releases the lock; it is never handed to a writer still
+    // holding it.
+    let mut client = deadpool_postgres::Object::take(client);
     let client: &mut tokio_postgres::Client = &mut client;
+    log::info!("waiting for the migration lock");
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("taking the migration lock (pg_advisory_lock)")?;
     let report = embedded::migrations::runner()
         .run_async(client)
         .await
-        .context("applying database migrations")?;
+        .context("applying database migrations");
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("releasing the migration lock (pg_advisory_unlock)");
+    let report = report?;
+    unlocked?;
     for migration in report.applied_migrations() {
         log::info!("applied migration {migration}");
     }

@@ -7,7 +7,8 @@
 //! 1. the `Origin` header must be allowed ([`WsConfig::allowed_origins`]), else `403`;
 //! 2. when a token is configured, `Authorization: Bearer <token>` or
 //!    `?token=<token>` must carry it, else `401`;
-//! 3. `?topic=` must be a valid AMQP topic pattern, else `400`;
+//! 3. `?topic=` must be a valid AMQP topic pattern, else `400`; `?since=`
+//!    (a position) and `?last=` (a count) must be numbers, not both, else `400`;
 //! 4. fewer than [`WsConfig::max_observers`] sessions may be open, else `503`;
 //! 5. the request must be a valid WebSocket handshake, else `400`.
 //!
@@ -16,6 +17,7 @@
 //! [`WsConfig::max_frame_bytes`] end the session with 1009), and what it writes
 //! into its channel is encoded onto the response body.
 
+use std::any::Any;
 use std::io;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
+use sluice_actors::history::Since;
 use sluice_actors::internal_events::live::WebSocketRefused;
 use sluice_actors::observable::Observable;
 use sluice_actors::observer::{outgoing_channel, Observer, ObserverSettings, SessionSlot};
@@ -155,6 +158,10 @@ struct WsQuery {
     topic: Option<String>,
     /// The token, for browsers (which cannot set `Authorization` on a WebSocket).
     token: Option<String>,
+    /// Resume: start after this position (the last one the client saw).
+    since: Option<u64>,
+    /// History: start with the last this many events held.
+    last: Option<usize>,
 }
 
 /// A request that passed admission: its filter and its session slot.
@@ -164,6 +171,8 @@ pub struct Admission {
     pub pattern: Option<TopicPattern>,
     /// The session's place under the limit.
     pub slot: SessionSlot,
+    /// Where the stream starts (`?since=` or `?last=`; `None`: now).
+    pub since: Option<Since>,
 }
 
 /// Checks origin, token, topic and the session limit, in that order, and
@@ -201,9 +210,23 @@ pub fn admit(req: &HttpRequest, state: &WsState) -> Result<Admission, Refusal> {
         .as_deref()
         .map(TopicPattern::parse)
         .transpose()?;
+    let since = match (query.since, query.last) {
+        (Some(_), Some(_)) => {
+            return Err(Refusal::Query(
+                "`since` and `last` cannot be combined".to_owned(),
+            ))
+        }
+        (Some(position), None) => Some(Since::After(position)),
+        (None, Some(n)) => Some(Since::Last(n)),
+        (None, None) => None,
+    };
     let slot = SessionSlot::try_acquire(&state.connected, config.max_observers)
         .ok_or(Refusal::Full(config.max_observers))?;
-    Ok(Admission { pattern, slot })
+    Ok(Admission {
+        pattern,
+        slot,
+        since,
+    })
 }
 
 /// `GET /ws`: admits the request (see the module docs), upgrades, and starts
@@ -234,8 +257,25 @@ pub async fn ws_route(
         outgoing,
     )
     .with_slot(admission.slot)
+    .with_since(admission.since)
     .start_with(decode_frames(payload, codec.clone()));
     Ok(response.streaming(encode_frames(frames, codec)))
+}
+
+/// For `HttpServer::on_connect`: keeps each accepted connection's kernel send
+/// buffer at `bytes` (Linux doubles it for bookkeeping) instead of letting
+/// autotuning grow it to megabytes. The Observer's acknowledgement window
+/// already bounds what a WebSocket client has in flight; a small send buffer
+/// makes a slow socket fill its channel promptly, so events wait in the
+/// Observer, where the freshness bound applies. Applies to every HTTP
+/// connection, since which one will upgrade is not known yet: the other
+/// responses (pages, metrics) are small. A failure is logged, not fatal.
+pub fn limit_send_buffer(connection: &dyn Any, bytes: usize) {
+    if let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        if let Err(err) = socket2::SockRef::from(stream).set_send_buffer_size(bytes) {
+            log::warn!("cannot set SO_SNDBUF to {bytes} on an HTTP connection: {err}");
+        }
+    }
 }
 
 /// Whether a browser page from `origin` may open a session.
@@ -423,6 +463,27 @@ mod tests {
     }
 
     #[actix_web::test]
+    async fn since_and_last_are_parsed_and_checked() {
+        let state = state(WsConfig::default());
+        let since = |uri: &str| {
+            admit(&TestRequest::with_uri(uri).to_http_request(), &state).map(|a| a.since)
+        };
+        assert_eq!(since("/ws").expect("admitted"), None);
+        assert_eq!(
+            since("/ws?since=42").expect("admitted"),
+            Some(Since::After(42))
+        );
+        assert_eq!(
+            since("/ws?last=50").expect("admitted"),
+            Some(Since::Last(50))
+        );
+        for bad in ["/ws?since=-1", "/ws?since=soon", "/ws?since=1&last=2"] {
+            let refusal = since(bad).expect_err(bad);
+            assert_eq!(refusal.status_code().as_u16(), 400, "{bad}");
+        }
+    }
+
+    #[actix_web::test]
     async fn frames_are_decoded_until_the_size_limit() {
         // Two masked client text frames, the second larger than the limit.
         let mut client = Codec::new().client_mode();
@@ -540,9 +601,14 @@ mod tests {
         conn.send(Message::Text("not json".into()))
             .await
             .expect("send");
-        match conn.next().await.expect("frame").expect("valid") {
-            Frame::Close(Some(reason)) => assert_eq!(reason.code, CloseCode::Policy),
-            other => panic!("unexpected {other:?}"),
+        // The events frame was followed by the Observer's ping (its
+        // acknowledgement request); the close comes after it.
+        loop {
+            match conn.next().await.expect("frame").expect("valid") {
+                Frame::Ping(_) => {}
+                Frame::Close(Some(reason)) => break assert_eq!(reason.code, CloseCode::Policy),
+                other => panic!("unexpected {other:?}"),
+            }
         }
         handle.stop(false).await;
     }

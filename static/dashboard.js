@@ -297,6 +297,12 @@
 
   function render(stats) {
     const p = stats.pipeline;
+    // Which replica this page talks to (INSTANCE_NAME): with several behind
+    // a load balancer, the figures below are this one's own.
+    if (stats.instance) {
+      setText("instance", stats.instance);
+      body.dataset.instance = stats.instance;
+    }
     const t = stats.taken_at_ms / 1000;
     const stored = counterTotal(stats, "sluice_events_stored_total");
     const received = counterTotal(stats, "sluice_events_received_total");
@@ -482,6 +488,10 @@
   let missed = 0;
   let paused = false;
   let pausedSkipped = 0;
+  /** When the service received the newest event shown (ms since the epoch). */
+  let newestShownAt = null;
+  /** The oldest any event was when it was shown, in ms (this page's clock). */
+  let worstShownAgeMs = 0;
 
   function payloadText(payload) {
     if (typeof payload === "string") return payload;
@@ -530,6 +540,7 @@
     frameRequested = false;
     const batch = pending.slice(-TAIL_ROWS);
     pending = [];
+    noteShown(batch);
     const fragment = document.createDocumentFragment();
     for (let i = batch.length - 1; i >= 0; i -= 1) fragment.appendChild(eventRow(batch[i]));
     tbody.insertBefore(fragment, tbody.firstChild);
@@ -539,7 +550,21 @@
     body.dataset.tailRows = String(tbody.rows.length);
   }
 
+  /** The oldest an event was when its frame arrived, in ms (this page's clock). */
+  let worstArrivalAgeMs = 0;
+
   function onEvents(events) {
+    for (const event of events) {
+      if (Number.isFinite(event.position) && (lastPosition === null || event.position > lastPosition)) {
+        lastPosition = event.position;
+      }
+    }
+    if (lastPosition !== null) body.dataset.position = String(lastPosition);
+    const first = events.length ? Date.parse(events[0].received_at) : NaN;
+    if (Number.isFinite(first)) {
+      worstArrivalAgeMs = Math.max(worstArrivalAgeMs, Date.now() - first);
+      body.dataset.worstArrivalAgeMs = String(Math.round(worstArrivalAgeMs));
+    }
     eventsSeen += events.length;
     body.dataset.eventsSeen = String(eventsSeen);
     if (paused) {
@@ -556,6 +581,43 @@
     }
   }
 
+  // Freshness: how old the newest event shown is, counted from when the
+  // service received it (the service keeps it under WS_MAX_LAG when sent).
+  // Ages use this page's clock against the service's: a skewed clock shifts
+  // them by the skew.
+  function noteShown(batch) {
+    const now = Date.now();
+    for (const event of batch) {
+      const at = Date.parse(event.received_at);
+      if (!Number.isFinite(at)) continue;
+      worstShownAgeMs = Math.max(worstShownAgeMs, now - at);
+      if (newestShownAt === null || at > newestShownAt) newestShownAt = at;
+    }
+    body.dataset.worstShownAgeMs = String(Math.round(worstShownAgeMs));
+    showFreshness();
+  }
+
+  function showFreshness() {
+    if (newestShownAt === null) return;
+    const age = Math.max(0, Date.now() - newestShownAt);
+    body.dataset.freshnessMs = String(Math.round(age));
+    setText("v-fresh", age < 10000 ? (age / 1000).toFixed(1) + " s" : fmt(age / 1000, 0) + " s");
+    setText("h-fresh", "worst shown " + (worstShownAgeMs / 1000).toFixed(1) + " s");
+  }
+
+  setInterval(showFreshness, 500);
+
+  // How late this page's own timers run (its main thread busy or starved):
+  // what the page adds to an event's age on top of what the service bounds.
+  let loopCheckAt = performance.now();
+  let worstLoopLagMs = 0;
+  setInterval(() => {
+    const now = performance.now();
+    worstLoopLagMs = Math.max(worstLoopLagMs, now - loopCheckAt - 100);
+    loopCheckAt = now;
+    body.dataset.worstLoopLagMs = String(Math.round(worstLoopLagMs));
+  }, 100);
+
   function onLagged(count) {
     missed += count;
     body.dataset.missed = String(missed);
@@ -566,6 +628,8 @@
 
   let socket = null;
   let topic = new URLSearchParams(location.search).get("topic") || "";
+  /** Position of the newest event shown: a reconnect resumes after it. */
+  let lastPosition = null;
   let retryMs = 500;
 
   function setLive(state, text) {
@@ -585,7 +649,14 @@
 
   function connect() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const query = topic ? "?topic=" + encodeURIComponent(topic) : "";
+    // The first connection asks for the last events (the tail is full at
+    // once); a reconnection resumes after the last one shown, and the
+    // service replays what came meanwhile, or says how many were missed.
+    const params = new URLSearchParams();
+    if (topic) params.set("topic", topic);
+    if (lastPosition === null) params.set("last", String(TAIL_ROWS));
+    else params.set("since", String(lastPosition));
+    const query = "?" + params.toString();
     setLive("connecting", "Live connecting");
     const ws = new WebSocket(scheme + "//" + location.host + "/ws" + query);
     socket = ws;

@@ -69,7 +69,12 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
     let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("the text parses");
     let mut series = BTreeMap::new();
     for sample in scrape.samples {
-        let labels: BTreeMap<_, _> = sample.labels.iter().collect();
+        // `/api/stats` names the instance once instead of in every key.
+        let labels: BTreeMap<_, _> = sample
+            .labels
+            .iter()
+            .filter(|(name, _)| name.as_str() != "sluice_instance")
+            .collect();
         let key = if labels.is_empty() {
             sample.metric.clone()
         } else {

@@ -9,7 +9,13 @@
 //! - [`queue`]: the Queue actor (adaptive batching, overload policies).
 //! - [`writer`]: the Writer actor and the [`store::Store`] it writes through.
 //! - [`store`]: the `Store` trait and its PostgreSQL implementation.
+//! - [`mapped_store`]: a `Store` writing into the user's own table through a
+//!   [`mapped_store::TableMapping`].
 //! - [`observable`], [`observer`], [`topic`]: the live path to WebSocket clients.
+//! - [`tls`]: connecting to the broker (`amqp://`, `amqps://`), and naming
+//!   the cause of a failed TLS handshake; [`redact`]: passwords out of URLs.
+//! - [`history`]: the ring of recent events by position, for clients that resume.
+//! - [`live_feed`]: the cluster-wide live feed through a RabbitMQ stream.
 //! - [`internal_events`]: one struct per thing worth counting; `emit()` logs and records.
 //!
 //! Architecture invariant: this crate knows nothing about HTTP routing or
@@ -17,14 +23,19 @@
 
 pub mod consumer;
 pub mod event;
+pub mod history;
 pub mod internal_events;
+pub mod live_feed;
+pub mod mapped_store;
 pub mod messages;
 pub mod observable;
 pub mod observer;
 pub mod queue;
+pub mod redact;
 pub mod settlement;
 pub mod store;
 pub mod tap;
+pub mod tls;
 pub mod topic;
 pub mod writer;
 

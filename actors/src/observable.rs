@@ -8,6 +8,12 @@
 //! mailbox is full the events are counted as missed for that observer, and
 //! the count travels with the next [`Deliver`] that gets through, so the client
 //! is told. An observer whose mailbox is closed is forgotten.
+//!
+//! Every event gets a position (this instance's sequence from [`Publish`],
+//! or the stream's from [`Feed`] with `LIVE_FEED=stream`) and the newest
+//! are kept in a [`History`] ring, so a client that resumes
+//! ([`SubscribeFrom`], `?since=` / `?last=`) is replayed and subscribed in
+//! one step: nothing twice, nothing left out, the rest told as missed.
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::HashMap;
@@ -19,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 
 use crate::event::EventData;
+use crate::history::{History, Since};
 use crate::internal_events::live::{DropStage, LiveEventsDropped, ObserverLagging};
 use crate::messages::{DroppedCopies, LiveBacklog, LivePermit, Publish};
 use crate::topic::TopicPattern;
@@ -44,20 +51,60 @@ impl fmt::Display for ObserverId {
 /// One event as WebSocket clients see it: a JSON object, serialised once and
 /// shared by every observer that receives it.
 ///
-/// `{"message_id":…,"routing_key":…,"payload":…,"headers":…,"published_at":…,"received_at":…}`
-/// where `payload` and `headers` are the original JSON text (not re-encoded)
-/// and the times are RFC 3339 in UTC (`published_at` is `null` when the
-/// publisher did not set a timestamp).
+/// `{"position":…,"message_id":…,"routing_key":…,"payload":…,"headers":…,"published_at":…,"received_at":…}`
+/// where `position` is the event's place in the live stream (see
+/// [`crate::history`]; a client resumes after it with `?since=`), `payload`
+/// and `headers` are the original JSON text (not re-encoded) and the times
+/// are RFC 3339 in UTC (`published_at` is `null` when the publisher did not
+/// set a timestamp).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveEvent {
     /// The JSON object text.
     json: Box<str>,
+    /// The place in the live stream (0: none, as in [`LiveEvent::from_event`]).
+    position: u64,
+    /// The AMQP routing key, for topic filters.
+    routing_key: Box<str>,
+    /// When Sluice received the event: its age, against `WS_MAX_LAG`, is
+    /// counted from here.
+    received_at: SystemTime,
 }
 
 impl LiveEvent {
-    /// Serialises one event. `payload` and `headers` are trusted to be valid
-    /// JSON text: [`EventData::from_delivery`] validated the first and built
-    /// the second.
+    /// Serialises one event at `position` (see the type's docs).
+    pub fn from_event_at(event: &EventData, position: u64) -> LiveEvent {
+        let plain = LiveEvent::from_event(event);
+        LiveEvent::positioned(position, &event.routing_key, &plain.json, event.received_at)
+    }
+
+    /// An event whose JSON object text without a position is `json` (as
+    /// [`LiveEvent::from_event`] writes it, or as it travels in the live
+    /// feed), placed at `position`: `"position"` becomes its first member.
+    pub fn positioned(
+        position: u64,
+        routing_key: &str,
+        json: &str,
+        received_at: SystemTime,
+    ) -> LiveEvent {
+        let rest = json.strip_prefix('{').unwrap_or(json);
+        let mut text = String::with_capacity(json.len() + 32);
+        // Writing to a String cannot fail.
+        let _ = write!(text, "{{\"position\":{position}");
+        if !rest.trim_start().starts_with('}') {
+            text.push(',');
+        }
+        text.push_str(rest);
+        LiveEvent {
+            json: text.into(),
+            position,
+            routing_key: routing_key.into(),
+            received_at,
+        }
+    }
+
+    /// Serialises one event without a position. `payload` and `headers` are
+    /// trusted to be valid JSON text: [`EventData::from_delivery`] validated
+    /// the first and built the second.
     pub fn from_event(event: &EventData) -> LiveEvent {
         let mut json = String::with_capacity(
             event.payload.len() + event.headers.len() + event.message_id.len() + 160,
@@ -75,18 +122,52 @@ impl LiveEvent {
         json.push_str(",\"received_at\":");
         push_time(&mut json, Some(event.received_at));
         json.push('}');
-        LiveEvent { json: json.into() }
+        LiveEvent {
+            json: json.into(),
+            position: 0,
+            routing_key: event.routing_key.as_str().into(),
+            received_at: event.received_at,
+        }
     }
 
     /// Wraps JSON text that is already a valid event object (for tests and
-    /// stand-ins).
+    /// stand-ins), received now.
     pub fn from_json(json: impl Into<Box<str>>) -> LiveEvent {
-        LiveEvent { json: json.into() }
+        LiveEvent {
+            json: json.into(),
+            position: 0,
+            routing_key: "".into(),
+            received_at: SystemTime::now(),
+        }
+    }
+
+    /// The same event, as if received at `at` (for tests of ageing, and for
+    /// replayed history, whose freshness counts from the replay).
+    pub fn received(self, at: SystemTime) -> LiveEvent {
+        LiveEvent {
+            received_at: at,
+            ..self
+        }
+    }
+
+    /// When Sluice received the event.
+    pub fn received_at(&self) -> SystemTime {
+        self.received_at
     }
 
     /// The JSON object text.
     pub fn json(&self) -> &str {
         &self.json
+    }
+
+    /// The place in the live stream (0 when it has none).
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// The AMQP routing key.
+    pub fn routing_key(&self) -> &str {
+        &self.routing_key
     }
 }
 
@@ -178,6 +259,10 @@ struct Registration {
     missed: u64,
     /// Whether the first miss was logged already (logged once per observer).
     lag_reported: bool,
+    /// The client resumed after this position, which this instance has not
+    /// reached yet (it reads the shared stream a little behind another):
+    /// events up to it are not sent again. 0 when nothing is to be skipped.
+    skip_through: u64,
 }
 
 /// How often misses not yet told (because nothing got through since) are
@@ -186,12 +271,30 @@ struct Registration {
 pub const LAGGED_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The registry of observers and the fan-out to them. See the module docs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Observable {
     /// Every subscribed observer, by id.
     observers: HashMap<ObserverId, Registration>,
     /// Copies the Tap could not hand over; told to every observer.
     upstream: DroppedCopies,
+    /// Recent events by position, for clients that resume (`?since=`) or
+    /// ask for the last few (`?last=`).
+    history: History,
+    /// Positions are shared by every instance (the stream feed): a resume
+    /// from a position this instance has not reached yet waits for it.
+    /// Otherwise such a position is another instance's, and ignored.
+    shared_positions: bool,
+}
+
+impl Default for Observable {
+    fn default() -> Self {
+        Observable {
+            observers: HashMap::new(),
+            upstream: DroppedCopies::default(),
+            history: History::new(0),
+            shared_positions: false,
+        }
+    }
 }
 
 impl Observable {
@@ -208,9 +311,25 @@ impl Observable {
         }
     }
 
+    /// Keeps the last `events` events for clients that resume (see
+    /// [`SubscribeFrom`]); 0 keeps none.
+    pub fn with_history(mut self, events: usize) -> Observable {
+        self.history = History::new(events);
+        self
+    }
+
+    /// Positions are the same on every instance (`LIVE_FEED=stream`): a
+    /// client resuming from a position this instance has not read yet gets
+    /// nothing up to it again (see [`SubscribeFrom`]).
+    pub fn with_shared_positions(mut self) -> Observable {
+        self.shared_positions = true;
+        self
+    }
+
     /// Sends each observer the misses it was not told of yet, alone.
     fn report_misses(&mut self) {
         let upstream = self.upstream.take();
+        self.history.gap(upstream);
         let mut closed = Vec::new();
         for (id, registration) in &mut self.observers {
             registration.missed += upstream;
@@ -283,6 +402,7 @@ impl Handler<Subscribe> for Observable {
                     backlog: msg.backlog,
                     missed: 0,
                     lag_reported: false,
+                    skip_through: 0,
                 });
             }
         }
@@ -300,36 +420,115 @@ impl Handler<Unsubscribe> for Observable {
 impl Handler<Publish> for Observable {
     type Result = ();
 
+    /// `LIVE_FEED=local`: the Tap's copies, placed at this instance's next
+    /// positions.
     fn handle(&mut self, msg: Publish, _ctx: &mut Self::Context) {
         let upstream = self.upstream.take();
-        if self.observers.is_empty() || msg.events.is_empty() {
+        self.history.gap(upstream);
+        if msg.events.is_empty() || (self.observers.is_empty() && !self.history.keeps_events()) {
+            // Nobody to tell and nothing to keep; the positions still advance.
+            self.history.skip(msg.events.len() as u64);
             return;
         }
+        let first = self.history.head() + 1;
         let all: Arc<[Arc<LiveEvent>]> = msg
             .events
             .iter()
-            .map(|event| Arc::new(LiveEvent::from_event(event)))
+            .zip(first..)
+            .map(|(event, position)| Arc::new(LiveEvent::from_event_at(event, position)))
             .collect();
+        for event in all.iter() {
+            self.history.push(event.clone());
+        }
+        self.fan_out(&all, upstream);
+    }
+}
+
+/// The live feed (`LIVE_FEED=stream`) → Observable: events read from the
+/// stream, already placed (position = stream offset), oldest first.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Feed {
+    /// The events, each with the count of events missed just before it
+    /// (publishes dropped by some instance, or lost to retention).
+    pub events: Vec<(u64, Arc<LiveEvent>)>,
+    /// Events missed after the last one (told at once, or by the timer).
+    pub missed_after: u64,
+    /// The events' share of the feed's backlog, given back when handled.
+    pub permit: Option<LivePermit>,
+}
+
+impl Handler<Feed> for Observable {
+    type Result = ();
+
+    fn handle(&mut self, msg: Feed, _ctx: &mut Self::Context) {
+        let mut missed = 0;
+        let mut all = Vec::with_capacity(msg.events.len());
+        for (gap, event) in msg.events {
+            self.history.gap(gap);
+            missed += gap;
+            if self.history.push(event.clone()) {
+                all.push(event);
+            }
+        }
+        let all: Arc<[Arc<LiveEvent>]> = all.into();
+        self.fan_out(&all, missed);
+        if msg.missed_after > 0 {
+            self.history.gap(msg.missed_after);
+            for registration in self.observers.values_mut() {
+                registration.missed += msg.missed_after;
+            }
+            self.report_misses();
+        }
+    }
+}
+
+impl Observable {
+    /// Hands `all` (and the count of events `missed` just before them) to
+    /// every observer whose filter matches, with `try_send`.
+    fn fan_out(&mut self, all: &Arc<[Arc<LiveEvent>]>, missed: u64) {
+        if self.observers.is_empty() || (all.is_empty() && missed == 0) {
+            return;
+        }
         // One selection per distinct filter, shared by the observers using it.
         let mut selections: HashMap<Arc<TopicPattern>, Arc<[Arc<LiveEvent>]>> = HashMap::new();
         let mut closed = Vec::new();
         let mut missed_now = 0u64;
         for (id, registration) in &mut self.observers {
-            registration.missed += upstream;
-            let events = match &registration.pattern {
+            // Gaps before events a resumed client already has were told to
+            // it before (in its earlier session).
+            let seen_already = registration.skip_through > 0
+                && all
+                    .last()
+                    .is_some_and(|e| e.position() <= registration.skip_through);
+            if !seen_already {
+                registration.missed += missed;
+            }
+            let mut events = match &registration.pattern {
                 None => all.clone(),
                 Some(pattern) => selections
                     .entry(pattern.clone())
                     .or_insert_with(|| {
-                        msg.events
-                            .iter()
-                            .zip(all.iter())
-                            .filter(|(event, _)| pattern.matches(&event.routing_key))
-                            .map(|(_, live)| live.clone())
+                        all.iter()
+                            .filter(|live| pattern.matches(live.routing_key()))
+                            .cloned()
                             .collect()
                     })
                     .clone(),
             };
+            if registration.skip_through > 0 {
+                let through = registration.skip_through;
+                if events.last().is_some_and(|e| e.position() > through) {
+                    registration.skip_through = 0;
+                }
+                if events.first().is_some_and(|e| e.position() <= through) {
+                    events = events
+                        .iter()
+                        .filter(|e| e.position() > through)
+                        .cloned()
+                        .collect();
+                }
+            }
             if events.is_empty() {
                 continue;
             }
@@ -373,6 +572,67 @@ impl Handler<Publish> for Observable {
         }
         for id in closed {
             self.observers.remove(&id);
+        }
+    }
+}
+
+/// Observer → Observable: subscribe, and first hand me what came after a
+/// position I saw (or the last few events). Done in one step inside the
+/// Observable, so that the replay and the live stream meet exactly: no event
+/// twice, none left out.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SubscribeFrom {
+    /// The subscription, as [`Subscribe`].
+    pub subscribe: Subscribe,
+    /// Where the client's stream starts.
+    pub since: Since,
+}
+
+impl Handler<SubscribeFrom> for Observable {
+    type Result = ();
+
+    fn handle(&mut self, msg: SubscribeFrom, ctx: &mut Self::Context) {
+        let id = msg.subscribe.id;
+        let replay = self
+            .history
+            .replay(msg.since, msg.subscribe.pattern.as_ref());
+        <Self as Handler<Subscribe>>::handle(self, msg.subscribe, ctx);
+        let Some(registration) = self.observers.get_mut(&id) else {
+            return;
+        };
+        if let Since::After(position) = msg.since {
+            if self.shared_positions && position > self.history.head() {
+                registration.skip_through = position;
+            }
+        }
+        if replay.events.is_empty() && replay.missed == 0 {
+            return;
+        }
+        let n = replay.events.len() as u64;
+        // The client asked for this history: `WS_MAX_LAG` bounds how long it
+        // may take to hand it over, counted from now, not the events' age
+        // (else a resume after more than `WS_MAX_LAG` away would replay nothing).
+        let now = SystemTime::now();
+        let events: Arc<[Arc<LiveEvent>]> = replay
+            .events
+            .into_iter()
+            .map(|event| Arc::new(LiveEvent::clone(&event).received(now)))
+            .collect();
+        // A new observer has nothing in flight, so its backlog admits the
+        // whole replay; its own buffer then keeps what it can and counts the rest.
+        let permit = registration.backlog.try_acquire(events.len());
+        let deliver = Deliver {
+            events,
+            missed: registration.missed + replay.missed,
+            permit,
+        };
+        match registration.addr.try_send(deliver) {
+            Ok(()) => registration.missed = 0,
+            Err(SendError::Full(_)) => registration.missed += replay.missed + n,
+            Err(SendError::Closed(_)) => {
+                self.observers.remove(&id);
+            }
         }
     }
 }
@@ -723,5 +983,193 @@ pub(crate) mod tests {
             .expect("observable alive");
         let next = rx.recv().await.expect("delivery");
         assert_eq!((next.missed, next.events.len()), (0, 1));
+    }
+
+    fn positions(deliver: &Deliver) -> Vec<u64> {
+        deliver.events.iter().map(|e| e.position()).collect()
+    }
+
+    fn subscribe_from(id: u64, addr: Recipient<Deliver>, since: Since) -> SubscribeFrom {
+        SubscribeFrom {
+            subscribe: Subscribe {
+                id: ObserverId(id),
+                addr,
+                pattern: None,
+                backlog: LiveBacklog::new(1_000_000),
+            },
+            since,
+        }
+    }
+
+    #[actix::test]
+    async fn every_event_carries_its_position() {
+        let observable = Observable::create(|_| Observable::new().with_history(10));
+        let (addr, mut rx) = probe(16, None);
+        subscribe(&observable, addr.recipient(), 100).await;
+        observable
+            .send(publish(vec![event("a", 1), event("a", 2)]))
+            .await
+            .expect("alive");
+        let got = rx.recv().await.expect("delivery");
+        assert_eq!(positions(&got), [1, 2]);
+        let v: serde_json::Value = serde_json::from_str(got.events[1].json()).expect("JSON");
+        assert_eq!(v["position"], 2);
+        assert_eq!(v["message_id"], "m-2");
+    }
+
+    #[actix::test]
+    async fn a_resume_meets_the_live_stream_with_no_duplicate_and_no_hole() {
+        let observable = Observable::create(|ctx| {
+            ctx.set_mailbox_capacity(1024);
+            Observable::new().with_history(1000)
+        });
+        // 50 events before the client comes back; it had seen up to 20.
+        for n in 1..=50 {
+            observable
+                .send(publish(vec![event("a", n)]))
+                .await
+                .expect("alive");
+        }
+        let (addr, mut rx) = probe(1000, None);
+        // The resume is queued between chunks still arriving: the seam is
+        // wherever the Observable's mailbox puts it.
+        // Every message is queued at once (`send` enqueues when called).
+        let mut requests: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = _>>>> = Vec::new();
+        for n in 51..=60 {
+            requests.push(Box::pin(observable.send(publish(vec![event("a", n)]))));
+        }
+        requests.push(Box::pin(observable.send(subscribe_from(
+            1,
+            addr.clone().recipient(),
+            Since::After(20),
+        ))));
+        for n in 61..=70 {
+            requests.push(Box::pin(observable.send(publish(vec![event("a", n)]))));
+        }
+        for request in requests {
+            request.await.expect("alive");
+        }
+        let mut seen = Vec::new();
+        while seen.last() != Some(&70) {
+            let got = rx.recv().await.expect("delivery");
+            assert_eq!(got.missed, 0);
+            seen.extend(positions(&got));
+        }
+        assert_eq!(seen, (21..=70).collect::<Vec<u64>>());
+    }
+
+    #[actix::test]
+    async fn a_resume_beyond_the_ring_is_told_the_exact_gap() {
+        let upstream = DroppedCopies::default();
+        let observable = Observable::create({
+            let upstream = upstream.clone();
+            move |_| Observable::with_upstream(upstream).with_history(10)
+        });
+        for n in 1..=30 {
+            observable
+                .send(publish(vec![event("a", n)]))
+                .await
+                .expect("alive");
+        }
+        // The Tap dropped 4 copies, then 5 more events came (31..=35).
+        upstream.add(4);
+        observable
+            .send(publish((31..=35).map(|n| event("a", n)).collect()))
+            .await
+            .expect("alive");
+        let (addr, mut rx) = probe(16, None);
+        observable
+            .send(subscribe_from(1, addr.recipient(), Since::After(5)))
+            .await
+            .expect("alive");
+        let got = rx.recv().await.expect("the replay");
+        // Held: 26..=35. Missed: 6..=25 evicted (20) and the 4 dropped copies.
+        assert_eq!(positions(&got), (26..=35).collect::<Vec<u64>>());
+        assert_eq!(got.missed, 20 + 4);
+        // Received + missed == every event after 5 (30 received by the
+        // Observable after 5, plus the 4 the Tap dropped).
+        assert_eq!(got.events.len() as u64 + got.missed, 30 + 4);
+    }
+
+    #[actix::test]
+    async fn the_last_events_are_shown_at_once_to_a_new_page() {
+        let observable = Observable::create(|_| Observable::new().with_history(100));
+        for n in 1..=30 {
+            observable
+                .send(publish(vec![event("a", n)]))
+                .await
+                .expect("alive");
+        }
+        let (addr, mut rx) = probe(16, None);
+        observable
+            .send(subscribe_from(1, addr.recipient(), Since::Last(5)))
+            .await
+            .expect("alive");
+        let got = rx.recv().await.expect("the last five");
+        assert_eq!((positions(&got), got.missed), (vec![26, 27, 28, 29, 30], 0));
+    }
+
+    #[actix::test]
+    async fn the_feed_tells_its_gaps_to_live_and_resuming_clients_alike() {
+        let observable = Observable::create(|_| Observable::new().with_history(100));
+        let (live, mut live_rx) = probe(16, None);
+        subscribe(&observable, live.recipient(), 100).await;
+        let at = |p: u64| Arc::new(LiveEvent::positioned(p, "k", "{}", SystemTime::now()));
+        // Offsets 10, 11, then 2 publishes lost, then 12; then a reconnect
+        // skipped offsets 13..=14 whose 2 events show as a gap too.
+        observable
+            .send(Feed {
+                events: vec![(0, at(10)), (0, at(11)), (2, at(12)), (2, at(15))],
+                missed_after: 0,
+                permit: None,
+            })
+            .await
+            .expect("alive");
+        let got = live_rx.recv().await.expect("delivery");
+        assert_eq!((positions(&got), got.missed), (vec![10, 11, 12, 15], 4));
+        let (late, mut late_rx) = probe(16, None);
+        observable
+            .send(subscribe_from(2, late.recipient(), Since::After(10)))
+            .await
+            .expect("alive");
+        let got = late_rx.recv().await.expect("replay");
+        assert_eq!((positions(&got), got.missed), (vec![11, 12, 15], 4));
+    }
+
+    #[actix::test]
+    async fn a_resume_ahead_of_this_instance_skips_what_the_client_has() {
+        // Another instance's client saw up to position 12; this instance has
+        // read the shared stream up to 10 only.
+        let observable =
+            Observable::create(|_| Observable::new().with_history(100).with_shared_positions());
+        let at = |p: u64| {
+            (
+                0,
+                Arc::new(LiveEvent::positioned(p, "k", "{}", SystemTime::now())),
+            )
+        };
+        observable
+            .send(Feed {
+                events: (1..=10).map(at).collect(),
+                missed_after: 0,
+                permit: None,
+            })
+            .await
+            .expect("alive");
+        let (addr, mut rx) = probe(16, None);
+        observable
+            .send(subscribe_from(1, addr.recipient(), Since::After(12)))
+            .await
+            .expect("alive");
+        observable
+            .send(Feed {
+                events: (11..=15).map(at).collect(),
+                missed_after: 0,
+                permit: None,
+            })
+            .await
+            .expect("alive");
+        let got = rx.recv().await.expect("delivery");
+        assert_eq!((positions(&got), got.missed), (vec![13, 14, 15], 0));
     }
 }

@@ -92,7 +92,7 @@ impl Store for PgStore {
 }
 
 /// Sorts a PostgreSQL error into "the rows are bad" and "try again later".
-fn classify(err: tokio_postgres::Error) -> StoreError {
+pub(crate) fn classify(err: tokio_postgres::Error) -> StoreError {
     let message = match err.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => {

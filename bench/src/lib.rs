@@ -1,7 +1,7 @@
 //! Sluice's benchmarks, on the real RabbitMQ and PostgreSQL: the broker's
 //! and the database's own ceilings, a backlog drain, latency against offered
-//! load for the three batching strategies, a slow (remote-like) database, and
-//! WebSocket fan-out. Each scenario measures its own baseline in the same run.
+//! load for the three batching strategies, a slow (remote-like) database,
+//! WebSocket fan-out, and the drain into a user's own table (`--mapping`). Each scenario measures its own baseline in the same run.
 //!
 //! The binary (`cargo run --release -p sluice-bench -- [scenario] [--quick]`)
 //! prints a table, writes CSV files and an SVG plot under `target/bench/`.
@@ -32,16 +32,22 @@ pub enum Scenario {
     SlowDb,
     /// 200 WebSocket clients, 20 of which never read.
     Fanout,
+    /// The drain into a user's own table through `--mapping`, against `events`.
+    Mapping,
+    /// `LIVE_FEED=stream` against `local`: drain, fan-out, CPU per event.
+    LiveFeed,
 }
 
 impl Scenario {
     /// All of them, in order.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Ceiling,
         Scenario::Drain,
         Scenario::Latency,
         Scenario::SlowDb,
         Scenario::Fanout,
+        Scenario::Mapping,
+        Scenario::LiveFeed,
     ];
 
     /// The command-line name.
@@ -52,6 +58,8 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::SlowDb => "slowdb",
             Scenario::Fanout => "fanout",
+            Scenario::Mapping => "mapping",
+            Scenario::LiveFeed => "livefeed",
         }
     }
 
@@ -185,6 +193,20 @@ pub struct Results {
     pub fanout: Option<FanoutResult>,
     /// Remarks for the reader (what limited a figure, what went wrong).
     pub notes: Vec<String>,
+    /// The drain into a mapped table against the default one.
+    pub mapping: Option<MappingResult>,
+}
+
+/// The drain into a user's table through a 5-column mapping, and the same
+/// drain into `events` in the same run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappingResult {
+    /// Into `events`.
+    pub default: DrainResult,
+    /// Into the mapped table.
+    pub mapped: DrainResult,
+    /// `mapped.rate / default.rate`.
+    pub ratio: f64,
 }
 
 /// The backlog drain.
@@ -317,6 +339,21 @@ pub struct FanoutResult {
     pub drain_with: Option<f64>,
     /// The service's peak RSS, MB.
     pub peak_rss_mb: Option<f64>,
+    /// A client reading one frame every 50 ms beside the others.
+    pub slow_reader: SlowClient,
+    /// A client reading as fast as it can behind a 50 KB/s link.
+    pub slow_link: SlowClient,
+}
+
+/// What a client slower than the stream saw in the fan-out (issue 9).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlowClient {
+    /// Events it received.
+    pub received: u64,
+    /// Events `lagged` told it it missed.
+    pub missed: u64,
+    /// The oldest an event was when it read it, ms (now − `received_at`).
+    pub worst_age_ms: u64,
 }
 
 /// A run in progress: what to run it with, and what it found so far.
@@ -360,6 +397,8 @@ impl Bench {
             Scenario::Latency => scenarios::latency::run(self).await,
             Scenario::SlowDb => scenarios::slowdb::run(self).await,
             Scenario::Fanout => scenarios::fanout::run(self).await,
+            Scenario::Mapping => scenarios::mapping::run(self).await,
+            Scenario::LiveFeed => scenarios::livefeed::run(self).await,
         }
     }
 

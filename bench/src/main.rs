@@ -1,7 +1,7 @@
 //! `sluice-bench`: run the benchmarks and print the results.
 //!
 //! ```text
-//! cargo run --release -p sluice-bench -- [all|ceiling|drain|latency|slowdb|fanout]... [--quick] [--out DIR]
+//! cargo run --release -p sluice-bench -- [all|ceiling|drain|latency|slowdb|fanout|mapping|livefeed]... [--quick] [--out DIR]
 //! ```
 //!
 //! It builds the release `sluice` binary first (or uses `SLUICE_BIN`), needs
@@ -17,7 +17,7 @@ use sluice_bench::rig::{build_sluice, cpus, load_average, workspace_root};
 use sluice_bench::{report, say, Bench, Scale, Scenario};
 
 const USAGE: &str =
-    "usage: sluice-bench [all|ceiling|drain|latency|slowdb|fanout]... [--quick] [--out DIR]";
+    "usage: sluice-bench [all|ceiling|drain|latency|slowdb|fanout|mapping|livefeed]... [--quick] [--out DIR]";
 
 fn main() -> ExitCode {
     let mut scenarios = Vec::new();

@@ -335,6 +335,29 @@ pub fn rows(r: &Results) -> Vec<Row> {
             ratio: None,
             target: format!("miss nothing: {}", verdict(complete)),
         });
+        for (who, slow) in [
+            ("a reader taking one frame per 50 ms", &f.slow_reader),
+            ("a reader behind a 50 KB/s link", &f.slow_link),
+        ] {
+            let exact = slow.received + slow.missed == f.published;
+            rows.push(Row {
+                scenario: "fanout",
+                figure: format!("worst event age seen by {who}; received / missed"),
+                measured: format!(
+                    "{:.2} s; {} / {} of {}",
+                    slow.worst_age_ms as f64 / 1000.0,
+                    slow.received,
+                    slow.missed,
+                    f.published
+                ),
+                baseline: String::new(),
+                ratio: None,
+                target: format!(
+                    "≤ WS_MAX_LAG + 0.5 s, exact: {}",
+                    verdict(slow.worst_age_ms <= 2500 && exact)
+                ),
+            });
+        }
         rows.push(Row {
             scenario: "fanout",
             figure: "service peak RSS with the clients".into(),

@@ -234,7 +234,7 @@ impl Rig {
 
     /// Publish `args` to the service's exchange.
     pub async fn publish(&self, args: &LoadArgs) -> anyhow::Result<LoadReport> {
-        let loader = Loader::connect(&self.amqp_url).await?;
+        let loader = Loader::connect_env(&self.amqp_url).await?;
         let report = loader
             .run(&self.prefix, args, std::future::pending())
             .await?;

@@ -84,3 +84,22 @@ fn fanout_counts_deliveries() {
     assert!(f.published > 0 && f.delivered_max > 0, "{f:?}");
     assert!(f.drain_with.is_some() && f.drain_without.is_some(), "{f:?}");
 }
+
+#[test]
+fn mapping_drains_into_the_users_table_too() {
+    let r = run(Scenario::Mapping);
+    let m = r.mapping.expect("mapping result");
+    assert_eq!(m.mapped.messages, Scale::smoke().drain_messages);
+    assert!(m.mapped.rate > 0.0 && m.default.rate > 0.0, "{m:?}");
+}
+
+#[test]
+fn livefeed_compares_the_stream_with_the_local_feed() {
+    let r = run(Scenario::LiveFeed);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.starts_with("livefeed stream/local")),
+        "{r:?}"
+    );
+}

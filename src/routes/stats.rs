@@ -17,6 +17,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use prometheus_parse::{HistogramCount, Labels, Scrape, SummaryCount, Value};
 use serde::Serialize;
 
+use crate::telemetry::INSTANCE_LABEL;
+
 /// The whole snapshot, as served.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Snapshot {
@@ -31,6 +33,11 @@ pub struct Snapshot {
     pub histograms: BTreeMap<String, HistogramSnapshot>,
     /// Figures derived for the dashboard.
     pub pipeline: Pipeline,
+    /// The instance these figures are from (`INSTANCE_NAME`): the value of
+    /// the `sluice_instance` label every series carries in `/metrics`. That
+    /// label is left out of the series keys here, since it is the same on
+    /// all of them.
+    pub instance: Option<String>,
 }
 
 /// One histogram series.
@@ -137,7 +144,11 @@ impl Snapshot {
         // The parser reports a histogram's `_sum` and `_count` as untyped
         // series of their own; they are matched to their histogram below.
         let mut untyped: HashMap<String, f64> = HashMap::new();
+        let mut instance = None;
         for sample in scrape.samples {
+            if instance.is_none() {
+                instance = sample.labels.get(INSTANCE_LABEL).map(str::to_owned);
+            }
             let key = series_key(&sample.metric, &sample.labels);
             match sample.value {
                 Value::Counter(v) => {
@@ -181,6 +192,7 @@ impl Snapshot {
             gauges,
             histograms,
             pipeline,
+            instance,
         })
     }
 }
@@ -313,7 +325,10 @@ impl Pipeline {
 /// the series in `/metrics`. The parser splits labels on `,` and `=`, which
 /// holds for Sluice's label values: fixed identifiers such as `not_json`.
 fn series_key(metric: &str, labels: &Labels) -> String {
-    let sorted: BTreeMap<&String, &String> = labels.iter().collect();
+    let sorted: BTreeMap<&String, &String> = labels
+        .iter()
+        .filter(|(name, _)| name.as_str() != INSTANCE_LABEL)
+        .collect();
     if sorted.is_empty() {
         return metric.to_owned();
     }
@@ -391,6 +406,32 @@ sluice_write_duration_seconds_count 4
             .gauges
             .keys()
             .any(|k| k.contains("_sum") || k.contains("_count")));
+    }
+
+    #[test]
+    fn the_instance_label_names_the_snapshot_and_stays_out_of_the_keys() {
+        let text = r#"# TYPE sluice_queue_depth_events gauge
+sluice_queue_depth_events{sluice_instance="web-2"} 3
+
+# TYPE sluice_events_dead_lettered_total counter
+sluice_events_dead_lettered_total{reason="not_json",sluice_instance="web-2"} 2
+
+# TYPE sluice_write_duration_seconds histogram
+sluice_write_duration_seconds_bucket{sluice_instance="web-2",le="0.01"} 4
+sluice_write_duration_seconds_bucket{sluice_instance="web-2",le="+Inf"} 4
+sluice_write_duration_seconds_sum{sluice_instance="web-2"} 0.02
+sluice_write_duration_seconds_count{sluice_instance="web-2"} 4
+"#;
+        let s = snapshot(text);
+        assert_eq!(s.instance.as_deref(), Some("web-2"));
+        assert_eq!(s.gauges["sluice_queue_depth_events"], 3.0);
+        assert_eq!(
+            s.counters[r#"sluice_events_dead_lettered_total{reason="not_json"}"#],
+            2.0
+        );
+        assert_eq!(s.histograms["sluice_write_duration_seconds"].count, 4.0);
+        assert_eq!(s.pipeline.queue_depth, 3.0);
+        assert_eq!(snapshot(TEXT).instance, None);
     }
 
     #[test]

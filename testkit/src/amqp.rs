@@ -34,13 +34,40 @@ pub fn unique_prefix() -> String {
     format!("sluice_test_{}", crate::random_suffix())
 }
 
-/// Connect on the current tokio runtime.
+/// Connect on the current tokio runtime; an `amqps://` URL trusts
+/// `AMQP_TLS_CA` and presents `AMQP_TLS_CERT`/`AMQP_TLS_KEY` when those
+/// environment variables are set, as the service does.
 async fn connect(url: &str) -> Result<Connection> {
-    Connection::connect(url, ConnectionProperties::default())
-        .await
-        .with_context(|| {
-            format!("cannot connect to RabbitMQ at {url} (is it running? see scripts/setup.sh)")
-        })
+    let runtime = lapin::runtime::default_runtime().context("lapin runtime")?;
+    Connection::connect_with_config(
+        url,
+        ConnectionProperties::default(),
+        tls_from_env()?,
+        runtime,
+    )
+    .await
+    .with_context(|| {
+        let shown = url.split_once('@').map_or(url, |(_, host)| host);
+        format!("cannot connect to RabbitMQ at {shown} (is it running? see scripts/setup.sh)")
+    })
+}
+
+/// The service's `AMQP_TLS_*` settings, from the environment.
+fn tls_from_env() -> Result<lapin::tcp::OwnedTLSConfig> {
+    let read = |name: &str| -> Result<Option<Vec<u8>>> {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(|path| std::fs::read(&path).with_context(|| format!("reading {name}")))
+            .transpose()
+    };
+    let identity = match (read("AMQP_TLS_CERT")?, read("AMQP_TLS_KEY")?) {
+        (Some(pem), Some(key)) => Some(lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
+        _ => None,
+    };
+    Ok(lapin::tcp::OwnedTLSConfig {
+        identity,
+        cert_chain: read("AMQP_TLS_CA")?.map(|pem| String::from_utf8_lossy(&pem).into_owned()),
+    })
 }
 
 /// A connection and a channel in confirm mode: every publish waits for the broker's ack.
@@ -320,12 +347,17 @@ pub async fn get_all(url: &str, queue: &str) -> Result<Vec<GotMessage>> {
 }
 
 /// Delete the topology the service declares for `prefix` (best effort: what does
-/// not exist is skipped). Queues `<prefix>.ingest`, `<prefix>.dead`; exchanges
+/// not exist is skipped). Queues `<prefix>.ingest`, `<prefix>.dead`, the
+/// live feed's stream `<prefix>.live`; exchanges
 /// `<prefix>`, `<prefix>.dlx`.
 pub async fn delete_topology(url: &str, prefix: &str) -> Result<()> {
     let connection = connect(url).await?;
     // A failed delete closes its channel, so each gets a fresh one.
-    for queue in [format!("{prefix}.ingest"), format!("{prefix}.dead")] {
+    for queue in [
+        format!("{prefix}.ingest"),
+        format!("{prefix}.dead"),
+        format!("{prefix}.live"),
+    ] {
         if let Ok(channel) = connection.create_channel().await {
             if let Err(e) = channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -5,6 +5,8 @@
 //! - [`db`]: a throwaway PostgreSQL database per test, dropped afterwards.
 //! - [`amqp`]: a unique topology prefix per test, a publisher with confirms,
 //!   queue inspection and clean-up.
+//! - [`tls`]: a certificate authority made at test time, and a
+//!   TLS-terminating proxy to put in front of the plain local broker.
 //! - [`service`]: the `sluice` binary as a child process, with its logs captured,
 //!   its HTTP address discovered from its log, and signals to stop it; plus
 //!   [`service::wait_until`] for eventually-consistent checks.
@@ -18,6 +20,7 @@ pub mod amqp;
 pub mod db;
 pub mod proxy;
 pub mod service;
+pub mod tls;
 
 pub use amqp::{unique_prefix, Publisher, TopologyGuard};
 pub use db::{fresh_database, TestDb};

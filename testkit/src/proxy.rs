@@ -5,7 +5,9 @@
 //! once), `set_mode(Mode::Pass)` is the database coming back, and
 //! `set_latency(d)` makes a local database behave like a remote one (each chunk
 //! of bytes arrives `d` later in each direction, so a request/response round
-//! trip costs `2 × d`, while streaming throughput is not otherwise reduced).
+//! trip costs `2 × d`, while streaming throughput is not otherwise reduced),
+//! and `set_rate(r)` makes it a slow link (each direction of each connection
+//! forwards at most `r` bytes a second).
 //!
 //! The proxy runs on its own thread with its own tokio runtime, so it works the
 //! same from synchronous tests, `#[tokio::test]` and `#[actix::test]`.
@@ -54,6 +56,8 @@ pub struct Proxy {
 struct Shared {
     refuse: std::sync::atomic::AtomicBool,
     latency_nanos: AtomicU64,
+    /// Bytes per second each direction forwards at most; 0 is unlimited.
+    rate: AtomicU64,
     /// Live connections by id; a connection removes itself when its task ends.
     live: Mutex<HashMap<u64, AbortHandle>>,
     /// Signalled whenever a connection ends.
@@ -99,6 +103,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             refuse: std::sync::atomic::AtomicBool::new(false),
             latency_nanos: AtomicU64::new(0),
+            rate: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
             ended: Condvar::new(),
             next_id: AtomicU64::new(0),
@@ -165,6 +170,14 @@ impl Proxy {
     pub fn set_latency(&self, latency: Duration) {
         let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
         self.shared.latency_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    /// Forward at most `bytes_per_second` in each direction of each
+    /// connection (0: unlimited), as a slow link would. Applies to bytes
+    /// written from now on, on live and new connections. Bytes read ahead
+    /// wait in the proxy (bounded), as in a router's queue.
+    pub fn set_rate(&self, bytes_per_second: u64) {
+        self.shared.rate.store(bytes_per_second, Ordering::Relaxed);
     }
 
     /// Drop every live connection (both sockets closed) and return once they are
@@ -298,12 +311,29 @@ async fn pump(
         }
     };
     let write = async move {
+        // When the rate allows the next byte out.
+        let mut next_free = Instant::now();
         while let Some((due, buf)) = rx.recv().await {
             let now = Instant::now();
             if due > now {
                 tokio::time::sleep(due - now).await;
             }
-            to.write_all(&buf).await?;
+            let rate = shared.rate.load(Ordering::Relaxed);
+            if rate == 0 {
+                to.write_all(&buf).await?;
+                continue;
+            }
+            // Pieces of a twentieth of a second each, paced.
+            let piece = usize::try_from(rate / 20).unwrap_or(usize::MAX).max(1);
+            for part in buf.chunks(piece) {
+                let now = Instant::now();
+                if next_free > now {
+                    tokio::time::sleep(next_free - now).await;
+                }
+                to.write_all(part).await?;
+                let cost = Duration::from_secs_f64(part.len() as f64 / rate as f64);
+                next_free = next_free.max(Instant::now()) + cost;
+            }
         }
         // Pass the half-close on, like a real connection would.
         to.shutdown().await
@@ -458,6 +488,27 @@ mod tests {
         let start = Instant::now();
         round_trip(&mut sock, b"z").await.expect("echo");
         assert!(start.elapsed() < latency, "latency not turned off");
+    }
+
+    #[tokio::test]
+    async fn rate_limits_throughput() {
+        let proxy = Proxy::start(echo_server()).expect("proxy");
+        proxy.set_rate(100_000);
+        let mut sock = TcpStream::connect(proxy.addr()).await.expect("connect");
+        // 50 KB through the proxy twice (there and back) at 100 KB/s each
+        // way: at least half a second, however fast the machine. Only the
+        // lower bound is asserted; a loaded machine may be slower.
+        let payload = vec![7u8; 50_000];
+        let start = Instant::now();
+        let got = round_trip(&mut sock, &payload).await.expect("echo");
+        assert_eq!(got, payload);
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(450),
+            "50 KB crossed a 100 KB/s link in {took:?}"
+        );
+        proxy.set_rate(0);
+        assert_eq!(round_trip(&mut sock, b"fast").await.expect("echo"), b"fast");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! client that speaks the live protocol (answering pings, parsing frames).
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use actix_codec::Framed;
 use awc::error::WsClientError;
@@ -218,6 +218,8 @@ pub struct Event {
     pub tag: String,
     /// The AMQP routing key.
     pub routing_key: String,
+    /// When the service received it (`received_at`).
+    pub received_at: SystemTime,
 }
 
 /// What the server said, pings answered and pongs to our syncs aside.
@@ -434,6 +436,10 @@ fn parse(text: &[u8]) -> Incoming {
                             .as_str()
                             .expect("routing_key")
                             .to_owned(),
+                        received_at: event["received_at"]
+                            .as_str()
+                            .and_then(|t| humantime::parse_rfc3339(t).ok())
+                            .expect("received_at: an RFC 3339 time"),
                     }
                 })
                 .collect(),

@@ -56,9 +56,9 @@ pub(super) async fn open(
     // Named after the topology, so an operator can tell deployments apart.
     let name = format!("sluice {}", t.exchange);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connection = Connection::connect(&settings.amqp_url, properties)
+    let connection = crate::tls::connect_broker(&settings.amqp_url, &settings.tls, properties)
         .await
-        .map_err(|e| format!("cannot connect to the broker (AMQP_URL): {e}"))?;
+        .map_err(|e| e.to_string())?;
     let channel = connection
         .create_channel()
         .await

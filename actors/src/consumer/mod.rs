@@ -49,8 +49,10 @@ use reader::read;
 /// The Consumer's settings.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    /// `amqp://user:pass@host:port/vhost`.
+    /// `amqp://user:pass@host:port/vhost` (or `amqps://`).
     pub amqp_url: String,
+    /// Certificates for `amqps://` URLs.
+    pub tls: crate::tls::BrokerTls,
     /// Names of the exchanges and queues.
     pub topology: Topology,
     /// Deliveries the broker may have outstanding (unacked) at once.

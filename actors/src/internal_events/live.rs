@@ -15,6 +15,9 @@ pub enum DropStage {
     Observable,
     /// The Observer's own buffer was full (its client reads too slowly).
     Observer,
+    /// The events were older than `WS_MAX_LAG` by the time the client could
+    /// take them (the Observer skipped them to stay fresh).
+    Stale,
 }
 
 impl DropStage {
@@ -23,6 +26,7 @@ impl DropStage {
         match self {
             DropStage::Observable => "observable",
             DropStage::Observer => "observer",
+            DropStage::Stale => "stale",
         }
     }
 }

@@ -6,3 +6,4 @@
 
 pub mod datastore;
 pub mod live;
+pub mod live_feed;

@@ -2,12 +2,16 @@
 //! read. At a steady rate the database sustains: database throughput and
 //! latency with the clients against without, events delivered to the reading
 //! clients against the `missed` they were told of, and the service's peak
-//! memory. Then the same comparison for a saturated service (a backlog).
+//! memory. Beside them in that phase, two clients slower than the stream: one
+//! reading a frame every 50 ms, one behind a 50 KB/s link (testkit's
+//! throttling proxy); their worst event age shows the freshness bound
+//! (`WS_MAX_LAG`), and received + missed shows exact accounting. Then the
+//! same comparison for a saturated service (a backlog).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
@@ -19,7 +23,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::rig::{Rig, Strategy};
 use crate::scenarios::drain::{await_rows, prepare_backlog};
 use crate::scenarios::{fmt_opt, step};
-use crate::{say, Bench, FanoutResult};
+use crate::{say, Bench, FanoutResult, SlowClient};
 
 /// Run the fan-out.
 pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
@@ -49,7 +53,14 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
 
         let addr = rig.service()?.http_addr();
         let clients = Clients::connect(addr, total, stalled).await?;
-        say(format!("  with {} clients:", clients.count()));
+        let link = sluice_testkit::Proxy::start(addr).context("starting the throttling proxy")?;
+        link.set_rate(SLOW_LINK_BYTES_PER_SECOND);
+        let slow_reader = Slow::connect(addr, SLOW_READER_PAUSE).await?;
+        let slow_link = Slow::connect(link.addr(), Duration::ZERO).await?;
+        say(format!(
+            "  with {} clients, plus a 50 ms reader and a 50 KB/s link:",
+            clients.count()
+        ));
         let (with, detail) = step(
             &rig,
             Strategy::Adaptive,
@@ -63,6 +74,15 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
         let published = detail.report.sent;
         clients.settle(published, Duration::from_secs(10)).await;
         let (delivered_min, delivered_max, missed_fast) = clients.fast_totals();
+        let slow_reader = slow_reader.settle(published).await;
+        let slow_link = slow_link.settle(published).await;
+        drop(link);
+        for (who, slow) in [("50 ms reader", &slow_reader), ("50 KB/s link", &slow_link)] {
+            say(format!(
+                "  {who}: received {} + missed {} of {published}, worst age {} ms",
+                slow.received, slow.missed, slow.worst_age_ms
+            ));
+        }
         let mut peak_rss_mb = rig.peak_rss_mb();
         say(format!(
             "  reading clients got {delivered_min}..{delivered_max} of {published} events, \
@@ -97,6 +117,8 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
             drain_without,
             drain_with,
             peak_rss_mb,
+            slow_reader,
+            slow_link,
         })
     }
     .await;
@@ -265,6 +287,117 @@ async fn read(mut socket: Socket, seen: Arc<Seen>) {
                 }
                 _ => {}
             }
+        }
+    }
+}
+
+/// The slow reader's pause after each frame of events.
+const SLOW_READER_PAUSE: Duration = Duration::from_millis(50);
+
+/// The slow link's rate, bytes per second each way.
+const SLOW_LINK_BYTES_PER_SECOND: u64 = 50_000;
+
+/// What a slow client has seen so far.
+#[derive(Debug, Default)]
+struct SlowSeen {
+    received: AtomicU64,
+    missed: AtomicU64,
+    worst_age_ms: AtomicU64,
+}
+
+/// A client slower than the stream, reading in its own task.
+#[derive(Debug)]
+struct Slow {
+    seen: Arc<SlowSeen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// One event, as far as the slow clients look at it.
+#[derive(Debug, Deserialize)]
+struct AgedEvent {
+    received_at: String,
+}
+
+/// A frame, with the events' receipt times.
+#[derive(Debug, Deserialize)]
+struct AgedFrame {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    events: Vec<AgedEvent>,
+    #[serde(default)]
+    missed: u64,
+}
+
+impl Slow {
+    /// Connects to `/ws` at `addr` and reads, pausing `pause` after each
+    /// frame of events.
+    async fn connect(addr: SocketAddr, pause: Duration) -> anyhow::Result<Slow> {
+        let url = format!("ws://{addr}/ws");
+        let (socket, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .with_context(|| format!("a slow client cannot connect to {url}"))?;
+        let seen = Arc::new(SlowSeen::default());
+        let task = tokio::spawn(read_slowly(socket, Arc::clone(&seen), pause));
+        Ok(Slow { seen, task })
+    }
+
+    /// Waits until it has accounted for `published` events, or its counts
+    /// stop moving for two seconds; returns what it saw.
+    async fn settle(self, published: u64) -> SlowClient {
+        let snapshot = |seen: &SlowSeen| SlowClient {
+            received: seen.received.load(Ordering::Relaxed),
+            missed: seen.missed.load(Ordering::Relaxed),
+            worst_age_ms: seen.worst_age_ms.load(Ordering::Relaxed),
+        };
+        let mut last = snapshot(&self.seen);
+        while last.received + last.missed < published {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = snapshot(&self.seen);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        self.task.abort();
+        last
+    }
+}
+
+/// Reads frames until the connection ends, recording ages and counts.
+async fn read_slowly(mut socket: Socket, seen: Arc<SlowSeen>, pause: Duration) {
+    while let Some(message) = socket.next().await {
+        let Ok(message) = message else {
+            return;
+        };
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let Ok(frame) = serde_json::from_str::<AgedFrame>(text.as_str()) else {
+            continue;
+        };
+        match frame.kind.as_str() {
+            "events" => {
+                let now = SystemTime::now();
+                let worst = frame
+                    .events
+                    .iter()
+                    .filter_map(|e| humantime::parse_rfc3339(&e.received_at).ok())
+                    .filter_map(|at| now.duration_since(at).ok())
+                    .max()
+                    .unwrap_or_default();
+                let worst_ms = u64::try_from(worst.as_millis()).unwrap_or(u64::MAX);
+                seen.worst_age_ms.fetch_max(worst_ms, Ordering::Relaxed);
+                seen.received
+                    .fetch_add(frame.events.len() as u64, Ordering::Relaxed);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            "lagged" => {
+                seen.missed.fetch_add(frame.missed, Ordering::Relaxed);
+            }
+            _ => {}
         }
     }
 }

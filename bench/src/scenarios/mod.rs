@@ -5,6 +5,8 @@ pub mod ceiling;
 pub mod drain;
 pub mod fanout;
 pub mod latency;
+pub mod livefeed;
+pub mod mapping;
 pub mod slowdb;
 
 use std::time::{Duration, Instant};

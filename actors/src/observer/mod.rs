@@ -8,12 +8,31 @@
 //!
 //! Events arriving from the Observable go into a bounded buffer
 //! ([`ObserverSettings::buffer`]); when it is full, [`OnFull`] decides which
-//! events are lost. Whenever the channel has room, everything buffered (up to
-//! [`ObserverSettings::max_events_per_frame`]) goes out as one frame
+//! events are lost. The buffer and its drop rules are the `buffer` module,
+//! pure and tested on its own. Whenever the client can take more, everything
+//! buffered (up to [`ObserverSettings::max_events_per_frame`] events and a
+//! quarter of the window in bytes) goes out as one frame
 //! `{"type":"events","events":[…]}`, preceded by `{"type":"lagged","missed":N}`
-//! when events were dropped since the last frame, here or upstream. The
-//! "room again" signal is a channel permit awaited in a spawned future: no
-//! polling, no timers on the data path.
+//! when events were dropped since the last frame, here or upstream.
+//!
+//! # Freshness
+//!
+//! "The client can take more" means two things. The channel must have room
+//! (the socket is draining), and the client must have *consumed* most of what
+//! was written: every frame is followed by a ping carrying a sequence number,
+//! and a pong for it proves the client read everything before it (the
+//! `window` module). At most [`ObserverSettings::window_bytes`] may be
+//! unacknowledged, whatever the kernels, proxies and client library between
+//! could buffer. From the acknowledgements the Observer also knows how long a
+//! frame takes to reach the client; an event that would be older than
+//! [`ObserverSettings::max_lag`] (`WS_MAX_LAG`, counted from when Sluice
+//! received it) by the time it got there is skipped and counted as missed,
+//! so a slow client sees a fresh stream with told gaps, never an ever older
+//! one. These pings are also the heartbeat: when nothing is in flight, one
+//! is sent every [`ObserverSettings::heartbeat`].
+//!
+//! The signals are a channel permit awaited in a spawned future and the
+//! client's pongs: no polling, no timers on the data path.
 //!
 //! # Close codes
 //!
@@ -35,28 +54,32 @@
 //! when the Observer is created, so even a client that stopped reading gets it
 //! queued (it will read it if it ever resumes).
 
-use std::collections::VecDeque;
-use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 use actix_http::ws::{CloseCode, CloseReason, Frame, Message, ProtocolError};
-use bytes::Bytes;
 use futures_util::Stream;
 use serde::Deserialize;
 use tokio::sync::mpsc::{self, error::TrySendError, OwnedPermit};
 // Tokio's clock, so that tests can pause and advance time.
 use tokio::time::Instant;
 
+use crate::history::Since;
 use crate::internal_events::live::{
     DropStage, LiveEventsDropped, ObserverConnected, ObserverDisconnected, ObserverLagging,
 };
 use crate::messages::LiveBacklog;
-use crate::observable::{Deliver, LiveEvent, Observable, ObserverId, Subscribe, Unsubscribe};
+use crate::observable::{Deliver, Observable, ObserverId, Subscribe, SubscribeFrom, Unsubscribe};
 use crate::topic::TopicPattern;
+
+mod buffer;
+mod window;
+
+pub use buffer::OnFull;
+use buffer::Pending;
+use window::AckWindow;
 
 /// Close code for a client that made no progress reading for the stall timeout.
 pub const CLOSE_STALLED: u16 = 4000;
@@ -65,10 +88,11 @@ pub const CLOSE_STALLED: u16 = 4000;
 pub const CLOSE_TIMEOUT: u16 = 4001;
 
 /// Frames the outgoing channel holds for the socket (besides the slot
-/// reserved for the close frame). Small on purpose: a full channel is how the
-/// Observer sees a slow client, so events wait in the Observer's buffer, where
-/// the overload policy applies, not in the channel.
-pub const OUTGOING_FRAMES: usize = 2;
+/// reserved for the close frame): two frames, each with the ping that
+/// follows it. Small on purpose: a full channel is how the Observer sees a
+/// slow client, so events wait in the Observer's buffer, where the overload
+/// policy and the freshness bound apply, not in the channel.
+pub const OUTGOING_FRAMES: usize = 4;
 
 /// Events that may wait in an Observer's mailbox (bounded by a
 /// [`LiveBacklog`]): its buffer size, but at least this many, so that a worker
@@ -89,51 +113,6 @@ pub fn outgoing_channel() -> (mpsc::Sender<Message>, mpsc::Receiver<Message>) {
     mpsc::channel(OUTGOING_FRAMES + 1)
 }
 
-/// What an Observer does with a new event when its buffer is full (`WS_ON_FULL`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnFull {
-    /// Drop the oldest buffered event to make room (`drop-oldest`). The client
-    /// always gets the freshest data, as dashboards want; it gives up the
-    /// oldest events it had not read yet.
-    #[default]
-    DropOldest,
-    /// Drop the new event (`drop-newest`). The client gets an unbroken run of
-    /// the events it had buffered; it gives up everything that arrives while
-    /// it is behind, so what it sees next is older.
-    DropNewest,
-}
-
-impl OnFull {
-    /// The setting's value, as accepted by [`FromStr`].
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OnFull::DropOldest => "drop-oldest",
-            OnFull::DropNewest => "drop-newest",
-        }
-    }
-}
-
-impl fmt::Display for OnFull {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for OnFull {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "drop-oldest" => Ok(OnFull::DropOldest),
-            "drop-newest" => Ok(OnFull::DropNewest),
-            other => Err(format!(
-                "unknown policy {other:?}: expected drop-oldest or drop-newest"
-            )),
-        }
-    }
-}
-
 /// How an Observer treats its client. Every field bounds memory or time.
 #[derive(Debug, Clone)]
 pub struct ObserverSettings {
@@ -151,6 +130,16 @@ pub struct ObserverSettings {
     /// Closes with [`CLOSE_STALLED`] when events wait and the client has not
     /// read a single frame for this long.
     pub stall_timeout: Duration,
+    /// No event is written that would reach the client older than this,
+    /// counted from when Sluice received it (`WS_MAX_LAG`); older ones are
+    /// skipped and told as missed.
+    pub max_lag: Duration,
+    /// Bytes written and not yet acknowledged by the client's pongs, at most
+    /// (`WS_WINDOW_BYTES`). The window shrinks (to 4 KiB at least) while the
+    /// client takes longer than a quarter of `max_lag` to consume a frame,
+    /// and grows back when it is quick; a frame holds at most a quarter of
+    /// the window (or one event, if larger).
+    pub window_bytes: usize,
 }
 
 impl Default for ObserverSettings {
@@ -162,6 +151,8 @@ impl Default for ObserverSettings {
             heartbeat: Duration::from_secs(10),
             client_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(30),
+            max_lag: Duration::from_secs(2),
+            window_bytes: 64 * 1024,
         }
     }
 }
@@ -213,85 +204,6 @@ impl Drop for SessionSlot {
     }
 }
 
-/// Events waiting for the client and drops not yet reported to it.
-#[derive(Debug)]
-struct Pending {
-    /// Buffered events, oldest first; never longer than `capacity`.
-    events: VecDeque<Arc<LiveEvent>>,
-    /// The buffer's capacity (at least 1).
-    capacity: usize,
-    /// Dropped events (here or upstream) not yet told with a `lagged` frame.
-    unreported: u64,
-    /// Every event dropped in this session, for the log line at the end.
-    total_dropped: u64,
-}
-
-impl Pending {
-    fn new(capacity: usize) -> Pending {
-        Pending {
-            events: VecDeque::with_capacity(capacity.clamp(1, 4096)),
-            capacity: capacity.max(1),
-            unreported: 0,
-            total_dropped: 0,
-        }
-    }
-
-    /// Counts events dropped before reaching this buffer.
-    fn missed(&mut self, n: u64) {
-        self.unreported += n;
-        self.total_dropped += n;
-    }
-
-    /// Buffers events under `policy`; returns how many were dropped.
-    fn push(&mut self, events: &[Arc<LiveEvent>], policy: OnFull) -> u64 {
-        let mut dropped = 0;
-        for event in events {
-            if self.events.len() >= self.capacity {
-                dropped += 1;
-                match policy {
-                    OnFull::DropOldest => {
-                        self.events.pop_front();
-                    }
-                    OnFull::DropNewest => continue,
-                }
-            }
-            self.events.push_back(event.clone());
-        }
-        self.missed(dropped);
-        dropped
-    }
-
-    /// Whether there is something to tell the client.
-    fn has_frame(&self) -> bool {
-        self.unreported > 0 || !self.events.is_empty()
-    }
-
-    /// The next frame: the `lagged` notice if drops are unreported, else the
-    /// oldest events (at most `max`), else nothing.
-    fn next_frame(&mut self, max: usize) -> Option<Message> {
-        if self.unreported > 0 {
-            let missed = std::mem::take(&mut self.unreported);
-            let text = format!("{{\"type\":\"lagged\",\"missed\":{missed}}}");
-            return Some(Message::Text(text.into()));
-        }
-        if self.events.is_empty() {
-            return None;
-        }
-        let n = self.events.len().min(max.max(1));
-        let size: usize = self.events.iter().take(n).map(|e| e.json().len() + 1).sum();
-        let mut text = String::with_capacity(size + 32);
-        text.push_str("{\"type\":\"events\",\"events\":[");
-        for (i, event) in self.events.drain(..n).enumerate() {
-            if i > 0 {
-                text.push(',');
-            }
-            text.push_str(event.json());
-        }
-        text.push_str("]}");
-        Some(Message::Text(text.into()))
-    }
-}
-
 /// One WebSocket session's view of the live stream. See the module docs.
 #[derive(Debug)]
 pub struct Observer {
@@ -312,9 +224,12 @@ pub struct Observer {
     close_permit: Option<OwnedPermit<Message>>,
     /// Events not yet written and drops not yet reported.
     pending: Pending,
+    /// What was written and not yet acknowledged by the client's pongs.
+    window: AckWindow,
     /// A spawned future is waiting for room in `outgoing`.
     waiting_for_room: bool,
-    /// Fires [`CLOSE_STALLED`] if the wait for room lasts too long.
+    /// Fires [`CLOSE_STALLED`] if the wait for room or for an
+    /// acknowledgement lasts too long while events wait.
     stall_timer: Option<SpawnHandle>,
     /// A `Subscribe` is on its way to the Observable.
     subscribing: bool,
@@ -331,6 +246,9 @@ pub struct Observer {
     ended: Option<String>,
     /// This session's place in the count of connected observers.
     slot: Option<SessionSlot>,
+    /// Where the client's stream starts (`?since=` / `?last=`), taken by the
+    /// first `Subscribe`; `None`: from now on.
+    since: Option<Since>,
 }
 
 /// See [`MIN_MAILBOX_EVENTS`].
@@ -352,6 +270,7 @@ impl Observer {
         Observer {
             id: ObserverId::next(),
             pending: Pending::new(settings.buffer),
+            window: AckWindow::new(settings.window_bytes, settings.max_lag / 4),
             backlog: LiveBacklog::new(mailbox_events(&settings)),
             settings,
             observable,
@@ -367,7 +286,15 @@ impl Observer {
             lagging: false,
             ended: None,
             slot: None,
+            since: None,
         }
+    }
+
+    /// Starts the client's stream at `since` (a resume or the last few
+    /// events) instead of now.
+    pub fn with_since(mut self, since: Option<Since>) -> Observer {
+        self.since = since;
+        self
     }
 
     /// Holds `slot` for the life of the session (released when it stops).
@@ -403,12 +330,18 @@ impl Observer {
             return;
         }
         self.subscribing = true;
-        let request = self.observable.send(Subscribe {
+        let subscribe = Subscribe {
             id: self.id,
             addr: ctx.address().recipient(),
             pattern: self.pattern.clone(),
             backlog: self.backlog.clone(),
-        });
+        };
+        let request: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), MailboxError>>>,
+        > = match self.since.take() {
+            None => Box::pin(self.observable.send(subscribe)),
+            Some(since) => Box::pin(self.observable.send(SubscribeFrom { subscribe, since })),
+        };
         ctx.spawn(
             fut::wrap_future(request).map(|result, act: &mut Observer, ctx| {
                 act.subscribing = false;
@@ -425,38 +358,85 @@ impl Observer {
         );
     }
 
-    /// Writes frames while the channel has room; when it has none, waits for
-    /// room in a spawned future (and arms the stall timer).
+    /// Writes frames, each followed by its ping, while the channel has room
+    /// and the window is not full, skipping events that would reach the
+    /// client too old. When blocked with events waiting, arms the stall
+    /// timer; when the channel is full, waits for room in a spawned future.
     fn flush(&mut self, ctx: &mut Context<Self>) {
         if self.waiting_for_room || self.ended.is_some() {
             return;
         }
-        while self.pending.has_frame() {
-            let closed = match self.outgoing.try_reserve() {
-                Ok(permit) => {
-                    if let Some(frame) = self.pending.next_frame(self.settings.max_events_per_frame)
+        loop {
+            if !self.window.has_room() {
+                // The next pong calls flush again.
+                if self.pending.has_frame() {
+                    self.arm_stall_timer(ctx);
+                }
+                return;
+            }
+            self.expire();
+            if !self.pending.has_frame() {
+                self.disarm_stall_timer(ctx);
+                return;
+            }
+            let blocked = match self.outgoing.try_reserve_many(2) {
+                Ok(mut permits) => {
+                    let frame = self.pending.next_frame(
+                        self.settings.max_events_per_frame,
+                        self.window.frame_bytes(),
+                    );
+                    if let (Some(frame), Some(first), Some(second)) =
+                        (frame, permits.next(), permits.next())
                     {
-                        permit.send(frame);
+                        let bytes = match &frame {
+                            Message::Text(text) => text.len(),
+                            _ => 0,
+                        };
+                        first.send(frame);
+                        second.send(Message::Ping(self.window.sent(bytes, Instant::now())));
                     }
                     continue;
                 }
-                Err(TrySendError::Full(())) => false,
-                Err(TrySendError::Closed(())) => true,
+                Err(err) => err,
             };
-            if closed {
-                self.gone(ctx);
-            } else {
-                self.wait_for_room(ctx);
+            match blocked {
+                TrySendError::Full(()) => self.wait_for_room(ctx),
+                TrySendError::Closed(()) => self.gone(ctx),
             }
             return;
         }
     }
 
-    /// Waits for the socket to drain: the permit is the signal, awaited in a
-    /// spawned future so that the Observer keeps buffering (and dropping)
-    /// meanwhile.
-    fn wait_for_room(&mut self, ctx: &mut Context<Self>) {
-        self.waiting_for_room = true;
+    /// Skips the buffered events that would be older than the freshness
+    /// bound when the client gets them: their age now plus the time a frame
+    /// is expected to take to reach it.
+    fn expire(&mut self) {
+        let transit = self.window.expected_transit(Instant::now());
+        let max_age = self.settings.max_lag.saturating_sub(transit);
+        let skipped = self.pending.expire(SystemTime::now(), max_age);
+        if skipped > 0 {
+            LiveEventsDropped {
+                stage: DropStage::Stale,
+                events: skipped,
+            }
+            .emit();
+            if !self.lagging {
+                self.lagging = true;
+                ObserverLagging {
+                    observer: self.id.0,
+                    stage: DropStage::Stale,
+                }
+                .emit();
+            }
+        }
+    }
+
+    /// Closes the session with [`CLOSE_STALLED`] unless the client makes
+    /// progress (room in the channel, a pong) within the stall timeout.
+    fn arm_stall_timer(&mut self, ctx: &mut Context<Self>) {
+        if self.stall_timer.is_some() {
+            return;
+        }
         let stall_timeout = self.settings.stall_timeout;
         self.stall_timer = Some(ctx.run_later(stall_timeout, move |act, ctx| {
             act.stall_timer = None;
@@ -469,23 +449,32 @@ impl Observer {
                 ),
             );
         }));
-        let room = self.outgoing.clone().reserve_owned();
+    }
+
+    /// The client made progress: no stall.
+    fn disarm_stall_timer(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.stall_timer.take() {
+            ctx.cancel_future(timer);
+        }
+    }
+
+    /// Waits for the socket to drain until a frame and its ping fit: the
+    /// permits are the signal, awaited in a spawned future so that the
+    /// Observer keeps buffering (and dropping) meanwhile.
+    fn wait_for_room(&mut self, ctx: &mut Context<Self>) {
+        self.waiting_for_room = true;
+        self.arm_stall_timer(ctx);
+        let outgoing = self.outgoing.clone();
+        let room = async move { outgoing.reserve_many(2).await.map(drop) };
         ctx.spawn(
             fut::wrap_future(room).map(|result, act: &mut Observer, ctx| {
                 act.waiting_for_room = false;
-                if let Some(timer) = act.stall_timer.take() {
-                    ctx.cancel_future(timer);
-                }
                 if act.ended.is_some() {
                     return;
                 }
                 match result {
-                    Ok(permit) => {
-                        if let Some(frame) =
-                            act.pending.next_frame(act.settings.max_events_per_frame)
-                        {
-                            permit.send(frame);
-                        }
+                    Ok(()) => {
+                        act.disarm_stall_timer(ctx);
                         act.flush(ctx);
                     }
                     Err(_) => act.gone(ctx),
@@ -583,10 +572,21 @@ impl Actor for Observer {
                 );
                 return;
             }
+            // Pings already follow every frame; when none is in flight, one
+            // goes alone, so that a quiet stream still hears from its client.
             // A full channel means the client is not reading: the ping would
             // not reach it anyway, and the client timeout will tell.
-            if let Err(TrySendError::Closed(_)) = act.outgoing.try_send(Message::Ping(Bytes::new()))
-            {
+            if !act.window.is_idle() {
+                return;
+            }
+            let closed = match act.outgoing.try_reserve() {
+                Ok(permit) => {
+                    permit.send(Message::Ping(act.window.sent(0, Instant::now())));
+                    false
+                }
+                Err(err) => matches!(err, TrySendError::Closed(())),
+            };
+            if closed {
                 act.gone(ctx);
             }
         });
@@ -675,7 +675,14 @@ impl StreamHandler<Result<Frame, ProtocolError>> for Observer {
                     self.gone(ctx);
                 }
             }
-            Ok(Frame::Pong(_)) => {}
+            Ok(Frame::Pong(payload)) => {
+                // The client consumed everything before that ping: room in
+                // the window, and progress.
+                if self.window.acked(&payload, Instant::now()) {
+                    self.disarm_stall_timer(ctx);
+                    self.flush(ctx);
+                }
+            }
             Ok(Frame::Binary(_)) => self.close(
                 ctx,
                 CloseCode::Unsupported,
@@ -711,11 +718,12 @@ impl StreamHandler<Result<Frame, ProtocolError>> for Observer {
 #[cfg(test)]
 mod tests {
     use actix_http::ws::Item;
+    use bytes::Bytes;
 
     use super::*;
     use crate::messages::Publish;
     use crate::observable::tests::event;
-    use crate::observable::CountObservers;
+    use crate::observable::{CountObservers, LiveEvent};
 
     /// The client's side of a session under test.
     struct Client {
@@ -738,6 +746,9 @@ mod tests {
             heartbeat: Duration::from_secs(3600),
             client_timeout: Duration::from_secs(7200),
             stall_timeout: Duration::from_secs(7200),
+            // The test events are from 2023: no freshness bound unless asked.
+            max_lag: Duration::MAX,
+            window_bytes: 1 << 20,
         }
     }
 
@@ -795,8 +806,20 @@ mod tests {
             .expect("observer alive");
     }
 
-    async fn next(client: &mut Client) -> Message {
+    /// The next message the Observer wrote, pings included.
+    async fn next_raw(client: &mut Client) -> Message {
         client.frames.recv().await.expect("a frame")
+    }
+
+    /// The next message the Observer wrote that is not a ping; pings are
+    /// answered, as a client that reads does.
+    async fn next(client: &mut Client) -> Message {
+        loop {
+            match next_raw(client).await {
+                Message::Ping(payload) => client.send.send(Ok(Frame::Pong(payload))).expect("open"),
+                other => return other,
+            }
+        }
     }
 
     fn json(message: Message) -> serde_json::Value {
@@ -1091,7 +1114,7 @@ mod tests {
         let (mut client, _) = connect(settings, None, false);
         let mut pings = 0;
         let code = loop {
-            match next(&mut client).await {
+            match next_raw(&mut client).await {
                 Message::Ping(_) => pings += 1,
                 other => break close_code(other),
             }
@@ -1109,34 +1132,148 @@ mod tests {
         settings.client_timeout = Duration::from_secs(3);
         let (mut client, _) = connect(settings, None, false);
         for _ in 0..10 {
-            assert!(matches!(next(&mut client).await, Message::Ping(_)));
-            client
-                .send
-                .send(Ok(Frame::Pong(Bytes::new())))
-                .expect("open");
+            let Message::Ping(payload) = next_raw(&mut client).await else {
+                panic!("expected a ping");
+            };
+            client.send.send(Ok(Frame::Pong(payload))).expect("open");
         }
     }
 
-    #[test]
-    fn pending_buffer_policies() {
-        let events = live(1..=5);
-        let mut oldest = Pending::new(3);
-        assert_eq!(oldest.push(&events, OnFull::DropOldest), 2);
-        let mut newest = Pending::new(3);
-        assert_eq!(newest.push(&events, OnFull::DropNewest), 2);
-        assert_eq!(lagged(oldest.next_frame(10).expect("frame")), 2);
-        assert_eq!(numbers(oldest.next_frame(10).expect("frame")), [3, 4, 5]);
-        assert!(oldest.next_frame(10).is_none());
-        assert_eq!(lagged(newest.next_frame(10).expect("frame")), 2);
-        assert_eq!(numbers(newest.next_frame(10).expect("frame")), [1, 2, 3]);
+    /// Events of `size` bytes of JSON each, numbered, received `ago` before now.
+    fn sized(numbers: std::ops::Range<u64>, size: usize, ago: Duration) -> Arc<[Arc<LiveEvent>]> {
+        let at = SystemTime::now() - ago;
+        numbers
+            .map(|n| {
+                let head = format!(r#"{{"payload":{{"n":{n}}},"pad":""#);
+                let pad = "x".repeat(size.saturating_sub(head.len() + 2));
+                Arc::new(LiveEvent::from_json(format!("{head}{pad}\"}}")).received(at))
+            })
+            .collect()
+    }
+
+    #[actix::test]
+    async fn a_client_that_does_not_acknowledge_is_sent_one_window_at_most() {
+        tokio::time::pause();
+        let mut settings = quiet(1000, OnFull::DropOldest);
+        settings.window_bytes = 10_000;
+        let (mut client, _) = connect(settings, None, false);
+        client
+            .addr
+            .send(Deliver {
+                permit: None,
+                events: sized(0..100, 1000, Duration::ZERO),
+                missed: 0,
+            })
+            .await
+            .expect("observer alive");
+        // Read without answering pings: frames of two events (a frame holds
+        // a quarter of the window) until 10 000 bytes are unacknowledged,
+        // then nothing more comes.
+        let (mut bytes, mut frames, mut pings) = (0, 0, Vec::new());
+        while let Ok(message) =
+            tokio::time::timeout(Duration::from_secs(1), next_raw(&mut client)).await
+        {
+            match message {
+                Message::Text(text) => {
+                    bytes += text.len();
+                    frames += 1;
+                }
+                Message::Ping(payload) => pings.push(payload),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(
+            (10_000..10_000 + 2_500).contains(&bytes),
+            "{bytes} bytes written without acknowledgement"
+        );
+        assert_eq!(pings.len(), frames, "a ping after each frame");
+        // The pong for the second ping opens room for two more frames.
+        client
+            .send
+            .send(Ok(Frame::Pong(pings[1].clone())))
+            .expect("open");
+        let mut more = 0;
+        while let Ok(message) =
+            tokio::time::timeout(Duration::from_secs(1), next_raw(&mut client)).await
+        {
+            if let Message::Text(text) = message {
+                more += text.len();
+            }
+        }
+        // The first two frames were about 4 000 bytes: as much goes again,
+        // give or take a frame.
+        assert!((2_000..6_600).contains(&more), "{more} more bytes");
+    }
+
+    #[actix::test]
+    async fn a_client_that_reads_but_never_acknowledges_is_closed_as_stalled() {
+        tokio::time::pause();
+        let mut settings = quiet(1000, OnFull::DropOldest);
+        settings.window_bytes = 4096;
+        settings.stall_timeout = Duration::from_secs(5);
+        let (mut client, _) = connect(settings, None, false);
+        client
+            .addr
+            .send(Deliver {
+                permit: None,
+                events: sized(0..100, 1000, Duration::ZERO),
+                missed: 0,
+            })
+            .await
+            .expect("observer alive");
+        // Frames and pings are read, pongs never sent: the window stays
+        // full while events wait, and the stall timeout ends the session.
+        let code = loop {
+            match next_raw(&mut client).await {
+                Message::Text(_) | Message::Ping(_) => {}
+                other => break close_code(other),
+            }
+        };
+        assert_eq!(code, CLOSE_STALLED);
+        assert_ended(&mut client).await;
+    }
+
+    #[actix::test]
+    async fn events_too_old_to_show_are_skipped_and_told() {
+        let mut settings = quiet(1000, OnFull::DropOldest);
+        settings.max_lag = Duration::from_secs(2);
+        let (mut client, _) = connect(settings, None, false);
+        for (events, ago) in [(0..5, 3), (5..8, 0)] {
+            client
+                .addr
+                .send(Deliver {
+                    permit: None,
+                    events: sized(events, 100, Duration::from_secs(ago)),
+                    missed: 0,
+                })
+                .await
+                .expect("observer alive");
+        }
+        // Delivered together, the five old ones never reach the client.
+        let mut frames = Vec::new();
+        while frames.len() < 2 {
+            frames.push(json(next(&mut client).await));
+        }
+        let received: Vec<u64> = frames
+            .iter()
+            .filter(|v| v["type"] == "events")
+            .flat_map(|v| v["events"].as_array().expect("events").clone())
+            .map(|e| e["payload"]["n"].as_u64().expect("n"))
+            .collect();
+        let missed: u64 = frames
+            .iter()
+            .filter(|v| v["type"] == "lagged")
+            .map(|v| v["missed"].as_u64().expect("missed"))
+            .sum();
+        assert_eq!(missed + received.len() as u64, 8, "{frames:?}");
+        assert!(
+            received.iter().all(|n| *n >= 5),
+            "stale events sent: {received:?}"
+        );
     }
 
     #[test]
-    fn settings_parse_and_close_reasons_fit_a_control_frame() {
-        assert_eq!("drop-oldest".parse(), Ok(OnFull::DropOldest));
-        assert_eq!("drop-newest".parse(), Ok(OnFull::DropNewest));
-        assert!("block".parse::<OnFull>().is_err());
-        assert_eq!(OnFull::default(), OnFull::DropOldest);
+    fn close_reasons_fit_a_control_frame() {
         let long = "é".repeat(100);
         let cut = truncate(long, MAX_CLOSE_REASON);
         assert!(cut.len() <= MAX_CLOSE_REASON);

@@ -1,0 +1,100 @@
+//! Instrumentation of the cluster-wide live feed (`LIVE_FEED=stream`): what
+//! this instance published to the stream, dropped instead, and read back.
+
+/// Why a copy never made it into the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedDropReason {
+    /// The publisher's queue was full (the broker is slower than the Tap).
+    Full,
+    /// Too many publishes were unconfirmed (`LIVE_STREAM_MAX_UNCONFIRMED`).
+    Unconfirmed,
+    /// The broker connection was down.
+    Disconnected,
+}
+
+impl FeedDropReason {
+    /// The metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedDropReason::Full => "full",
+            FeedDropReason::Unconfirmed => "unconfirmed",
+            FeedDropReason::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// Copies dropped instead of published to the stream.
+#[derive(Debug, Clone, Copy)]
+pub struct FeedPublishDropped {
+    /// Why.
+    pub reason: FeedDropReason,
+    /// How many events.
+    pub events: u64,
+}
+
+impl FeedPublishDropped {
+    /// Records the drop (`sluice_live_feed_dropped_events_total{reason}`).
+    /// Readers see it as a gap in this instance's sequence.
+    pub fn emit(self) {
+        metrics::counter!("sluice_live_feed_dropped_events_total", "reason" => self.reason.as_str())
+            .increment(self.events);
+    }
+}
+
+/// Events published to the stream (sent; confirms are counted apart).
+#[derive(Debug, Clone, Copy)]
+pub struct FeedPublished {
+    /// How many events.
+    pub events: u64,
+}
+
+impl FeedPublished {
+    /// `sluice_live_feed_published_events_total`.
+    pub fn emit(self) {
+        metrics::counter!("sluice_live_feed_published_events_total").increment(self.events);
+    }
+}
+
+/// Events read from the stream, and events found missing in it.
+#[derive(Debug, Clone, Copy)]
+pub struct FeedRead {
+    /// Events read.
+    pub events: u64,
+    /// Events missing before them (gaps in some instance's sequence).
+    pub missing: u64,
+}
+
+impl FeedRead {
+    /// `sluice_live_feed_read_events_total`, `sluice_live_feed_gap_events_total`.
+    pub fn emit(self) {
+        metrics::counter!("sluice_live_feed_read_events_total").increment(self.events);
+        if self.missing > 0 {
+            metrics::counter!("sluice_live_feed_gap_events_total").increment(self.missing);
+        }
+    }
+}
+
+/// The feed's link to the broker changed state.
+#[derive(Debug, Clone)]
+pub struct FeedLink {
+    /// `publisher` or `reader`.
+    pub side: &'static str,
+    /// `None`: connected; `Some(why)`: lost.
+    pub lost: Option<String>,
+}
+
+impl FeedLink {
+    /// Logs the change and sets `sluice_live_feed_connected{side}`.
+    pub fn emit(self) {
+        let up = self.lost.is_none();
+        match &self.lost {
+            None => log::info!("live feed {}: connected to the stream", self.side),
+            Some(why) => log::warn!("live feed {}: {why}; reconnecting", self.side),
+        }
+        metrics::gauge!("sluice_live_feed_connected", "side" => self.side).set(if up {
+            1.0
+        } else {
+            0.0
+        });
+    }
+}

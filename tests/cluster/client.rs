@@ -1,0 +1,150 @@
+//! A WebSocket client of `/ws` that keeps what an accounting test needs:
+//! every event's position and message id, and the `lagged` counts.
+
+use std::time::Duration;
+
+use actix_codec::Framed;
+use awc::ws::{Codec, Frame, Message};
+use awc::BoxedSocket;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::time::Instant;
+
+/// How long a client waits for what it expects before failing.
+pub const CLIENT_WAIT: Duration = Duration::from_secs(60);
+
+/// One event as a client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// Its place in the live stream.
+    pub position: u64,
+    /// Its message id.
+    pub message_id: String,
+}
+
+/// Everything a client read.
+#[derive(Debug, Default, Clone)]
+pub struct Collected {
+    /// Events received, in order.
+    pub events: Vec<Seen>,
+    /// Events `lagged` frames said were missed.
+    pub missed: u64,
+}
+
+impl Collected {
+    /// Received plus missed.
+    pub fn accounted(&self) -> u64 {
+        self.events.len() as u64 + self.missed
+    }
+
+    /// The newest position received.
+    pub fn last_position(&self) -> Option<u64> {
+        self.events.last().map(|e| e.position)
+    }
+
+    /// The message ids received, in order.
+    pub fn ids(&self) -> Vec<String> {
+        self.events.iter().map(|e| e.message_id.clone()).collect()
+    }
+}
+
+/// A session on `/ws`.
+pub struct LiveClient {
+    framed: Framed<BoxedSocket, Codec>,
+    /// What was read so far.
+    pub got: Collected,
+}
+
+impl LiveClient {
+    /// Opens `ws://addr/ws<query>`, failing the test if refused.
+    pub async fn connect(addr: std::net::SocketAddr, query: &str) -> LiveClient {
+        let url = format!("ws://{addr}/ws{query}");
+        let (_, framed) = awc::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .finish()
+            .ws(url.as_str())
+            .max_frame_size(64 << 20)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("WebSocket {url}: {e}"));
+        LiveClient {
+            framed,
+            got: Collected::default(),
+        }
+    }
+
+    /// Reads one meaningful frame (answering pings) into `got`; `false` at
+    /// `deadline`. Fails the test on a close or an unreadable frame.
+    async fn read_one(&mut self, deadline: Instant) -> bool {
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, self.framed.next()).await {
+                Err(_) => return false,
+                Ok(None) => panic!("the server ended the session"),
+                Ok(Some(Err(e))) => panic!("reading /ws: {e}"),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            match frame {
+                Frame::Ping(payload) => self
+                    .framed
+                    .send(Message::Pong(payload))
+                    .await
+                    .expect("pong"),
+                Frame::Text(text) => {
+                    let v: serde_json::Value = serde_json::from_slice(&text).expect("JSON frame");
+                    match v["type"].as_str() {
+                        Some("events") => {
+                            for e in v["events"].as_array().expect("events") {
+                                self.got.events.push(Seen {
+                                    position: e["position"].as_u64().expect("a position"),
+                                    message_id: e["message_id"]
+                                        .as_str()
+                                        .expect("message id")
+                                        .to_owned(),
+                                });
+                            }
+                        }
+                        Some("lagged") => {
+                            self.got.missed += v["missed"].as_u64().expect("missed count");
+                        }
+                        _ => {} // other notices (e.g. freshness) do not count here
+                    }
+                    return true;
+                }
+                Frame::Close(reason) => panic!("the server closed the session: {reason:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads until received + missed reaches `total` (failing if it passes
+    /// it, or if that takes longer than [`CLIENT_WAIT`]).
+    pub async fn read_until_accounted(&mut self, total: u64) {
+        let deadline = Instant::now() + CLIENT_WAIT;
+        while self.got.accounted() < total {
+            assert!(
+                self.read_one(deadline).await,
+                "after {CLIENT_WAIT:?}: {} received + {} missed of {total}",
+                self.got.events.len(),
+                self.got.missed
+            );
+        }
+        assert_eq!(self.got.accounted(), total, "more than happened");
+    }
+
+    /// Reads until at least `n` events were received.
+    pub async fn read_until_received(&mut self, n: usize) {
+        let deadline = Instant::now() + CLIENT_WAIT;
+        while self.got.events.len() < n {
+            assert!(
+                self.read_one(deadline).await,
+                "after {CLIENT_WAIT:?}: {} received of {n}",
+                self.got.events.len()
+            );
+        }
+    }
+
+    /// Closes the session (normal closure).
+    pub async fn close(mut self) -> Collected {
+        let _ = self.framed.send(Message::Close(None)).await;
+        self.got
+    }
+}

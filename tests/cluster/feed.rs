@@ -1,0 +1,194 @@
+//! The cluster-wide live feed (`LIVE_FEED=stream`): a client on each of 3
+//! instances accounts for every event of all instances, in the same order
+//! everywhere; a client that reconnects to another instance with `?since=`
+//! gets every event exactly once within the resume bound, and an exact
+//! `lagged` count beyond it; publishes dropped by an instance are told.
+
+use std::collections::HashSet;
+
+use sluice_testkit::fresh_database;
+
+use crate::client::{Collected, LiveClient};
+use crate::helpers::*;
+
+/// Starts 3 instances with the stream feed and waits until each reads it.
+async fn stream_cluster(extra: &[(&str, &str)]) -> Cluster {
+    let mut env = vec![
+        ("LIVE_FEED", "stream".to_owned()),
+        ("WS_BUFFER", "8192".to_owned()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let cluster = Cluster::start(fresh_database().await, INSTANCES, &env).await;
+    for node in &cluster.nodes {
+        node.wait_for_log("live feed reader: connected", PATIENCE);
+    }
+    cluster
+}
+
+/// Every received id is one of `<tag>-0..n`, none twice; returns the set.
+fn distinct_ids(tag: &str, got: &Collected) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    for id in got.ids() {
+        assert!(id.starts_with(&format!("{tag}-")), "a stranger: {id}");
+        assert!(seen.insert(id.clone()), "{id} received twice");
+    }
+    seen
+}
+
+#[actix_web::test]
+async fn a_client_on_each_instance_sees_every_event_of_all_in_one_order() {
+    const N: usize = 3000;
+    let cluster = stream_cluster(&[]).await;
+    // `?last=` also hands over what the Observable had before the
+    // subscription was in place, so no event slips between.
+    let mut clients = Vec::new();
+    for node in &cluster.nodes {
+        clients.push(LiveClient::connect(node.http_addr(), "?last=100000").await);
+    }
+    cluster.publish("f", N).await;
+    cluster.wait_rows(N as i64).await;
+    let mut orders = Vec::new();
+    for client in &mut clients {
+        client.read_until_accounted(N as u64).await;
+        assert_eq!(client.got.missed, 0, "nothing missed at this rate");
+        assert_eq!(distinct_ids("f", &client.got).len(), N);
+        orders.push(client.got.events.clone());
+    }
+    assert_eq!(orders[0], orders[1], "instances 0 and 1 agree on the order");
+    assert_eq!(orders[0], orders[2], "instances 0 and 2 agree on the order");
+    // Every instance took part in storing (competing consumers), yet each
+    // client saw all of it.
+    for node in &cluster.nodes {
+        let (_, metrics) = get(&format!("{}/metrics", node.base_url())).await;
+        let published =
+            crate::common::metric_value(&metrics, "sluice_live_feed_published_events_total", "");
+        assert!(published > 0.0, "each instance published its share");
+    }
+    cluster.stop_all();
+    cluster.cleanup().await;
+}
+
+/// Reads `n` events on `first`, closes it, reconnects to `second` with
+/// `since=`, and reads until all `total` are accounted for.
+async fn resume_elsewhere(
+    cluster: &Cluster,
+    tag: &'static str,
+    total: usize,
+) -> (Collected, Collected) {
+    let mut first = LiveClient::connect(cluster.nodes[0].http_addr(), "?last=100000").await;
+    let publishing = {
+        let (url, prefix) = (cluster.amqp_url.clone(), cluster.prefix.clone());
+        actix_web::rt::spawn(async move {
+            let publisher = sluice_testkit::Publisher::connect(&url)
+                .await
+                .expect("publisher");
+            publisher
+                .publish_json_batch(&prefix, total, |i| Some(format!("{tag}-{i}")))
+                .await
+                .expect("publish");
+            let _ = publisher.close().await;
+        })
+    };
+    first.read_until_received(300).await;
+    let before = first.close().await;
+    let since = before.last_position().expect("events");
+    publishing.await.expect("published");
+    cluster.wait_rows(total as i64).await;
+    let mut second =
+        LiveClient::connect(cluster.nodes[1].http_addr(), &format!("?since={since}")).await;
+    second
+        .read_until_accounted((total - before.events.len()) as u64 - before.missed)
+        .await;
+    let after = second.got.clone();
+    // No duplicate across the two sessions, positions only grow, and
+    // received + missed == every event.
+    let mut all = distinct_ids(tag, &before);
+    for id in distinct_ids(tag, &after) {
+        assert!(all.insert(id.clone()), "{id} received by both sessions");
+    }
+    assert_eq!(
+        all.len() as u64 + before.missed + after.missed,
+        total as u64
+    );
+    let positions: Vec<u64> = before
+        .events
+        .iter()
+        .chain(&after.events)
+        .map(|e| e.position)
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]));
+    (before, after)
+}
+
+#[actix_web::test]
+async fn a_client_resuming_on_another_instance_gets_every_event_exactly_once() {
+    let cluster = stream_cluster(&[]).await;
+    let (before, after) = resume_elsewhere(&cluster, "e", 2000).await;
+    assert_eq!(before.missed + after.missed, 0, "within the ring: no gap");
+    cluster.stop_all();
+    cluster.cleanup().await;
+}
+
+#[actix_web::test]
+async fn beyond_the_ring_a_client_resuming_elsewhere_is_told_the_exact_gap() {
+    let cluster = stream_cluster(&[("LIVE_HISTORY", "100")]).await;
+    // A watcher on instance 1 proves, by reading everything, that instance 1
+    // has read the whole stream before the resume.
+    let mut watcher = LiveClient::connect(cluster.nodes[1].http_addr(), "?last=100").await;
+    let mut first = LiveClient::connect(cluster.nodes[0].http_addr(), "?last=100").await;
+    cluster.publish("b", 500).await;
+    first.read_until_accounted(500).await;
+    let before = first.close().await;
+    assert_eq!(before.missed, 0);
+    // 1500 more while the client is away: more than the ring's 100.
+    cluster
+        .publisher
+        .publish_json_batch(&cluster.prefix, 1500, |i| Some(format!("b-{}", 500 + i)))
+        .await
+        .expect("publish");
+    watcher.read_until_accounted(2000).await;
+    let since = before.last_position().expect("events");
+    let mut second =
+        LiveClient::connect(cluster.nodes[1].http_addr(), &format!("?since={since}")).await;
+    second.read_until_received(100).await;
+    // Exactly: the 100 newest replayed, the 1400 before them told as lagged.
+    assert_eq!((second.got.events.len(), second.got.missed), (100, 1400));
+    // The replay is the newest 100 of the stream's order, as the watcher
+    // on the same instance saw them.
+    let newest = &watcher.got.events[watcher.got.events.len() - 100..];
+    assert_eq!(second.got.events, newest);
+    cluster.stop_all();
+    cluster.cleanup().await;
+}
+
+#[actix_web::test]
+async fn publishes_an_instance_drops_are_told_to_every_client() {
+    const N: usize = 3000;
+    // One unconfirmed publish at a time: most copies are dropped by their
+    // publisher, and every reader must count them.
+    let cluster = stream_cluster(&[("LIVE_STREAM_MAX_UNCONFIRMED", "1")]).await;
+    let mut clients = Vec::new();
+    for node in &cluster.nodes {
+        clients.push(LiveClient::connect(node.http_addr(), "?last=100000").await);
+    }
+    cluster.publish("d", N).await;
+    cluster.wait_rows(N as i64).await;
+    let mut dropped = 0.0;
+    for node in &cluster.nodes {
+        let (_, metrics) = get(&format!("{}/metrics", node.base_url())).await;
+        dropped +=
+            crate::common::metric_value(&metrics, "sluice_live_feed_dropped_events_total", "");
+    }
+    assert!(dropped > 0.0, "the bound made publishers drop");
+    let mut orders = Vec::new();
+    for client in &mut clients {
+        client.read_until_accounted(N as u64).await;
+        assert!(client.got.missed > 0);
+        distinct_ids("d", &client.got);
+        orders.push(client.got.events.clone());
+    }
+    assert_eq!(orders[0], orders[1]);
+    assert_eq!(orders[0], orders[2]);
+    cluster.stop_all();
+    cluster.cleanup().await;
+}
