@@ -45,11 +45,14 @@ async fn a_client_on_each_instance_sees_every_event_of_all_in_one_order() {
     for node in &cluster.nodes {
         clients.push(LiveClient::connect(node.http_addr(), "?last=100000").await);
     }
+    // The clients read while the events flow, as a dashboard does: one that
+    // stops reading for longer than `WS_MAX_LAG` is rightly told it missed some.
+    let readers = read_while_publishing(clients, N as u64);
     cluster.publish("f", N).await;
     cluster.wait_rows(N as i64).await;
     let mut orders = Vec::new();
-    for client in &mut clients {
-        client.read_until_accounted(N as u64).await;
+    for reader in readers {
+        let client = reader.await.expect("the reading client");
         assert_eq!(client.got.missed, 0, "nothing missed at this rate");
         assert_eq!(distinct_ids("f", &client.got).len(), N);
         orders.push(client.got.events.clone());
@@ -134,10 +137,12 @@ async fn beyond_the_ring_a_client_resuming_elsewhere_is_told_the_exact_gap() {
     let cluster = stream_cluster(&[("LIVE_HISTORY", "100")]).await;
     // A watcher on instance 1 proves, by reading everything, that instance 1
     // has read the whole stream before the resume.
-    let mut watcher = LiveClient::connect(cluster.nodes[1].http_addr(), "?last=100").await;
-    let mut first = LiveClient::connect(cluster.nodes[0].http_addr(), "?last=100").await;
+    let watcher = LiveClient::connect(cluster.nodes[1].http_addr(), "?last=100").await;
+    let first = LiveClient::connect(cluster.nodes[0].http_addr(), "?last=100").await;
+    let watching = read_while_publishing(vec![watcher], 2000).remove(0);
+    let reading = read_while_publishing(vec![first], 500).remove(0);
     cluster.publish("b", 500).await;
-    first.read_until_accounted(500).await;
+    let first = reading.await.expect("the first client");
     let before = first.close().await;
     assert_eq!(before.missed, 0);
     // 1500 more while the client is away: more than the ring's 100.
@@ -146,7 +151,8 @@ async fn beyond_the_ring_a_client_resuming_elsewhere_is_told_the_exact_gap() {
         .publish_json_batch(&cluster.prefix, 1500, |i| Some(format!("b-{}", 500 + i)))
         .await
         .expect("publish");
-    watcher.read_until_accounted(2000).await;
+    let watcher = watching.await.expect("the watcher");
+    assert_eq!(watcher.got.missed, 0, "the watcher kept up");
     let since = before.last_position().expect("events");
     let mut second =
         LiveClient::connect(cluster.nodes[1].http_addr(), &format!("?since={since}")).await;
@@ -171,6 +177,7 @@ async fn publishes_an_instance_drops_are_told_to_every_client() {
     for node in &cluster.nodes {
         clients.push(LiveClient::connect(node.http_addr(), "?last=100000").await);
     }
+    let readers = read_while_publishing(clients, N as u64);
     cluster.publish("d", N).await;
     cluster.wait_rows(N as i64).await;
     let mut dropped = 0.0;
@@ -181,8 +188,8 @@ async fn publishes_an_instance_drops_are_told_to_every_client() {
     }
     assert!(dropped > 0.0, "the bound made publishers drop");
     let mut orders = Vec::new();
-    for client in &mut clients {
-        client.read_until_accounted(N as u64).await;
+    for reader in readers {
+        let client = reader.await.expect("the reading client");
         assert!(client.got.missed > 0);
         distinct_ids("d", &client.got);
         orders.push(client.got.events.clone());
@@ -191,4 +198,21 @@ async fn publishes_an_instance_drops_are_told_to_every_client() {
     assert_eq!(orders[0], orders[2]);
     cluster.stop_all();
     cluster.cleanup().await;
+}
+
+/// Starts each client reading until `total` events are accounted for, on a
+/// task of its own, so that every client reads while the events flow.
+fn read_while_publishing(
+    clients: Vec<LiveClient>,
+    total: u64,
+) -> Vec<actix_web::rt::task::JoinHandle<LiveClient>> {
+    clients
+        .into_iter()
+        .map(|mut client| {
+            actix_web::rt::spawn(async move {
+                client.read_until_accounted(total).await;
+                client
+            })
+        })
+        .collect()
 }
