@@ -1092,6 +1092,31 @@ pub(crate) mod tests {
     }
 
     #[actix::test]
+    async fn a_replay_counts_its_freshness_from_the_replay_not_the_events_age() {
+        let observable = Observable::create(|_| Observable::new().with_history(10));
+        // `event()` was received in 2023: far older than any `WS_MAX_LAG`.
+        observable
+            .send(publish((1..=3).map(|n| event("a", n)).collect()))
+            .await
+            .expect("alive");
+        let (addr, mut rx) = probe(16, None);
+        let asked = SystemTime::now();
+        observable
+            .send(subscribe_from(1, addr.recipient(), Since::After(0)))
+            .await
+            .expect("alive");
+        let got = rx.recv().await.expect("the replay");
+        assert_eq!(positions(&got), [1, 2, 3]);
+        for replayed in got.events.iter() {
+            // The Observer ages the replay from now, so it is handed over…
+            assert!(replayed.received_at() >= asked, "{replayed:?}");
+            // …while the event itself still says when Sluice received it.
+            let v: serde_json::Value = serde_json::from_str(replayed.json()).expect("JSON");
+            assert_eq!(v["received_at"], "2023-11-14T22:13:20.123Z");
+        }
+    }
+
+    #[actix::test]
     async fn the_last_events_are_shown_at_once_to_a_new_page() {
         let observable = Observable::create(|_| Observable::new().with_history(100));
         for n in 1..=30 {
