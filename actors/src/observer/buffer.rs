@@ -167,7 +167,7 @@ impl Pending {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn live(numbers: impl IntoIterator<Item = u64>) -> Vec<Arc<LiveEvent>> {
@@ -181,14 +181,16 @@ mod tests {
             .collect()
     }
 
-    fn json(message: Message) -> serde_json::Value {
+    /// The JSON of a text frame.
+    pub(crate) fn json(message: Message) -> serde_json::Value {
         match message {
             Message::Text(text) => serde_json::from_str(&text).expect("JSON frame"),
             other => panic!("expected a text frame, got {other:?}"),
         }
     }
 
-    fn numbers(message: Message) -> Vec<u64> {
+    /// The `n` of each event in an `events` frame.
+    pub(crate) fn numbers(message: Message) -> Vec<u64> {
         let v = json(message);
         assert_eq!(v["type"], "events");
         v["events"]
@@ -199,7 +201,8 @@ mod tests {
             .collect()
     }
 
-    fn lagged(message: Message) -> u64 {
+    /// The count of a `lagged` frame.
+    pub(crate) fn lagged(message: Message) -> u64 {
         let v = json(message);
         assert_eq!(v["type"], "lagged", "expected lagged, got {v}");
         v["missed"].as_u64().expect("missed")

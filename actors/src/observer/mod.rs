@@ -717,6 +717,7 @@ impl StreamHandler<Result<Frame, ProtocolError>> for Observer {
 
 #[cfg(test)]
 mod tests {
+    use super::buffer::tests::{json, lagged, numbers};
     use actix_http::ws::Item;
     use bytes::Bytes;
 
@@ -820,31 +821,6 @@ mod tests {
                 other => return other,
             }
         }
-    }
-
-    fn json(message: Message) -> serde_json::Value {
-        match message {
-            Message::Text(text) => serde_json::from_str(&text).expect("JSON frame"),
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-
-    /// The `n` of each event in an `events` frame.
-    fn numbers(message: Message) -> Vec<u64> {
-        let v = json(message);
-        assert_eq!(v["type"], "events");
-        v["events"]
-            .as_array()
-            .expect("events array")
-            .iter()
-            .map(|e| e["payload"]["n"].as_u64().expect("n"))
-            .collect()
-    }
-
-    fn lagged(message: Message) -> u64 {
-        let v = json(message);
-        assert_eq!(v["type"], "lagged", "expected lagged, got {v}");
-        v["missed"].as_u64().expect("missed")
     }
 
     fn close_code(message: Message) -> u16 {
