@@ -10,7 +10,7 @@
 #   scripts/setup.sh [--with-browser]
 #
 # What it may change on a fresh machine:
-# - apt-get installs rabbitmq-server, postgresql (and chromium chromium-driver)
+# - apt-get installs rabbitmq-server, postgresql, openssl (and chromium chromium-driver)
 #   when missing, plus gcc/libc6-dev when no C linker is found (cargo needs one);
 # - starts RabbitMQ (`rabbitmq-server -detached`) and the PostgreSQL cluster
 #   (`pg_ctlcluster <version> main start`) when their ports do not answer; no
@@ -107,6 +107,10 @@ if ! port_open "$PG_PORT" && ! installed postgresql; then
 fi
 command -v psql >/dev/null || missing+=(postgresql-client)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
+# The PostgreSQL test certificate below is made with openssl.
+if [ "${SLUICE_SETUP_PG_TLS:-1}" != 0 ]; then
+    command -v openssl >/dev/null || missing+=(openssl)
+fi
 if [ "$WITH_BROWSER" = 1 ]; then
     command -v chromium >/dev/null || installed chromium || missing+=(chromium)
     command -v chromedriver >/dev/null || installed chromium-driver || missing+=(chromium-driver)
