@@ -132,9 +132,11 @@ impl Rig {
         } else {
             None
         };
-        let database_url = proxy
-            .as_ref()
-            .map_or_else(|| db.url(), |p| db.url_via(p.addr()));
+        let database_url = plain_tcp(
+            proxy
+                .as_ref()
+                .map_or_else(|| db.url(), |p| db.url_via(p.addr())),
+        );
         let mut env = vec![
             ("AMQP_URL", amqp_url.clone()),
             ("DATABASE_URL", database_url),
@@ -390,4 +392,18 @@ pub fn load_average() -> Option<(f64, f64, f64)> {
 /// Number of CPUs available to this process.
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// `url` with `sslmode=disable` unless it names a mode: the service's default
+/// (`prefer`) would encrypt to the local server, while every baseline here
+/// (the plain pipeline, the PostgreSQL ceiling) speaks plain TCP; the ratios
+/// compare like with like.
+fn plain_tcp(url: String) -> String {
+    if url.contains("sslmode=") {
+        url
+    } else if url.contains('?') {
+        format!("{url}&sslmode=disable")
+    } else {
+        format!("{url}?sslmode=disable")
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use actix::prelude::*;
 use futures_util::StreamExt;
@@ -12,7 +12,7 @@ use super::dead_letter::report_dead;
 use super::link::Window;
 use super::{Consumer, ConsumerSettings, StreamEnded};
 use crate::event::{DeadLetter, DeliveryRef, Event, EventData};
-use crate::internal_events::datastore::{EventsReceived, InFlight};
+use crate::internal_events::datastore::{ChunkForwarded, EventsReceived, InFlight};
 use crate::messages::{Ingest, Settle};
 
 /// The reader of one channel generation. See the module documentation.
@@ -26,7 +26,9 @@ pub(super) async fn read(
 ) {
     let mut chunks = stream.ready_chunks(settings.chunk.max(1));
     let mut error = None;
+    let mut waiting = Instant::now();
     while let Some(items) = chunks.next().await {
+        let idle = waiting.elapsed();
         let received_at = SystemTime::now();
         let mut events = Vec::with_capacity(items.len());
         let mut dead = Vec::new();
@@ -87,7 +89,14 @@ pub(super) async fn read(
             }
         }
         if !events.is_empty() {
-            let Ok(admitted) = tap.send(Ingest { events }).await else {
+            let handed = Instant::now();
+            let admitted = tap.send(Ingest { events }).await;
+            ChunkForwarded {
+                idle,
+                admission: handed.elapsed(),
+            }
+            .emit();
+            let Ok(admitted) = admitted else {
                 log::error!("the tap is gone; stopping the reader");
                 break;
             };
@@ -105,6 +114,7 @@ pub(super) async fn read(
         if error.is_some() {
             break;
         }
+        waiting = Instant::now();
     }
     let _ = consumer.send(StreamEnded { generation, error }).await;
 }

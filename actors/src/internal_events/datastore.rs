@@ -231,6 +231,22 @@ impl InFlight {
     }
 }
 
+/// The reader handed one chunk on: how long it waited for the next
+/// deliveries (`idle`) and for the Tap and the Queue to admit the chunk
+/// (`admission`). Their sums over a drain say where the reader's time goes.
+#[derive(Debug)]
+pub struct ChunkForwarded {
+    pub idle: std::time::Duration,
+    pub admission: std::time::Duration,
+}
+
+impl ChunkForwarded {
+    pub fn emit(self) {
+        histogram!("sluice_reader_idle_seconds").record(self.idle.as_secs_f64());
+        histogram!("sluice_reader_admission_seconds").record(self.admission.as_secs_f64());
+    }
+}
+
 /// The consumer connected to the broker.
 #[derive(Debug)]
 pub struct AmqpConnected<'a> {

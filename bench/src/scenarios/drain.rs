@@ -133,6 +133,15 @@ pub async fn drain(rig: &mut Rig, n: u64, timeout: Duration) -> anyhow::Result<D
         "  writers busy {:.0}% of the drain (statement time / writers / drain time)",
         writing / writers / busy.as_secs_f64().max(1e-6) * 100.0
     ));
+    let idle = scrape.histogram("sluice_reader_idle_seconds");
+    let admission = scrape.histogram("sluice_reader_admission_seconds");
+    say(format!(
+        "  reader: {} chunks (mean {:.0} deliveries), waiting for deliveries {:.0}%, for admission {:.0}% of the drain",
+        admission.count,
+        n as f64 / admission.count.max(1.0),
+        idle.sum / busy.as_secs_f64().max(1e-6) * 100.0,
+        admission.sum / busy.as_secs_f64().max(1e-6) * 100.0,
+    ));
     // Acks follow the commits within milliseconds; give them a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let left_in_queue = match queue_counts(&rig.amqp_url, &rig.ingest()).await {
