@@ -21,7 +21,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::browser::{number, open_browser, page_state, target_dir, wait_for};
+use common::browser::{number, open_browser, page_state, save_screenshot, wait_for};
 use fantoccini::Locator;
 use sluice_testkit::fresh_database;
 
@@ -134,11 +134,7 @@ async fn the_dashboard_shows_live_events_and_charts() {
     assert!(!state.contains("jsError"), "a script error: {state}");
 
     // The screenshot, for a person to look at.
-    let png = client.screenshot().await.expect("a screenshot");
-    let shot = target_dir().join("dashboard.png");
-    std::fs::create_dir_all(target_dir()).expect("the target directory");
-    std::fs::write(&shot, png).expect("the screenshot is written");
-    eprintln!("dashboard screenshot: {}", shot.display());
+    save_screenshot(&client, "dashboard.png").await;
 
     // The topic filter: only matching events reach the tail afterwards.
     let input = client
@@ -261,11 +257,7 @@ async fn the_dashboard_behind_a_slow_link_stays_fresh_and_says_what_it_missed() 
     }
     // The screenshot while the stream is still fresh on the page, for a
     // person to look at.
-    let png = client.screenshot().await.expect("a screenshot");
-    let shot = target_dir().join("dashboard-slow-link.png");
-    std::fs::create_dir_all(target_dir()).expect("the target directory");
-    std::fs::write(&shot, png).expect("the screenshot is written");
-    eprintln!("slow-link dashboard screenshot: {}", shot.display());
+    save_screenshot(&client, "dashboard-slow-link.png").await;
 
     let total = TICKS * PER_TICK;
     wait_for(

@@ -177,3 +177,13 @@ pub async fn open_browser() -> Option<Browser> {
         _profile: profile,
     })
 }
+
+/// Saves what the page shows as `target/<name>`, for a person to look at.
+pub async fn save_screenshot(client: &Client, name: &str) {
+    let png = client.screenshot().await.expect("a screenshot");
+    let dir = target_dir();
+    std::fs::create_dir_all(&dir).expect("the target directory");
+    let shot = dir.join(name);
+    std::fs::write(&shot, png).expect("the screenshot is written");
+    eprintln!("screenshot: {}", shot.display());
+}
