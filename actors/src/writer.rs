@@ -16,7 +16,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::event::{DeadLetter, DeadReason, Event};
 use crate::internal_events::datastore::{
-    BatchCommitted, DatabaseRecovered, DatabaseRetry, DeadLettered, EndToEndLatency,
+    BatchCommitted, DatabaseRecovered, DatabaseRetry, EndToEndLatency,
 };
 use crate::messages::{Batch, BatchOutcome, Settle, WriterReady};
 use crate::store::{Store, StoreError};
@@ -127,14 +127,6 @@ impl Handler<Batch> for Writer {
                     stored.extend(event.deliveries());
                     EndToEndLatency {
                         since: event.data.published_at.unwrap_or(event.data.received_at),
-                    }
-                    .emit();
-                }
-                if let Some(first) = dead.first() {
-                    DeadLettered {
-                        reason: DeadReason::Rejected,
-                        count: dead.len(),
-                        detail: first.detail.clone(),
                     }
                     .emit();
                 }

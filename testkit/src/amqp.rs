@@ -7,6 +7,7 @@
 //!
 //! The broker is `amqp://guest:guest@127.0.0.1:5672/%2f` unless `AMQP_URL` says otherwise.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,7 @@ use lapin::options::{
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 /// The broker used when `AMQP_URL` is not set.
@@ -27,6 +29,33 @@ pub fn amqp_url() -> String {
         .ok()
         .filter(|s| !s.trim().is_empty())
         .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned())
+}
+
+/// The broker's address, from [`amqp_url`]: for a [`crate::Proxy`] in front of it.
+pub fn broker_addr() -> Result<SocketAddr> {
+    let uri: AMQPUri = amqp_url()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("AMQP_URL does not parse: {e}"))?;
+    let (host, port) = (uri.authority.host.as_str(), uri.authority.port);
+    (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving the broker {host}:{port}"))?
+        .next()
+        .with_context(|| format!("the broker {host}:{port} resolves to no address"))
+}
+
+/// [`amqp_url`], with the same credentials and vhost, pointed at `addr`
+/// (plain AMQP; a proxy in front of the broker).
+pub fn url_via(addr: SocketAddr) -> Result<String> {
+    let uri: AMQPUri = amqp_url()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("AMQP_URL does not parse: {e}"))?;
+    let user = &uri.authority.userinfo;
+    let vhost = uri.vhost.replace('%', "%25").replace('/', "%2f");
+    Ok(format!(
+        "amqp://{}:{}@{addr}/{vhost}",
+        user.username, user.password
+    ))
 }
 
 /// A topology prefix no other test uses: `sluice_test_<random>`.

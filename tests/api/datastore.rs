@@ -2,8 +2,10 @@
 //! every kind of bad body dead-lettered with its reason.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use lapin::BasicProperties;
+use sluice_testkit::{amqp, eventually, Proxy};
 
 use crate::helpers::*;
 
@@ -121,5 +123,41 @@ async fn bad_bodies_are_dead_lettered_with_their_reason_and_the_rest_is_stored()
         "bad messages were settled, not left unacked"
     );
     assert_eq!(app.rows().await, 100);
+    app.cleanup().await;
+}
+
+/// The dead-letter count is what the dead-letter queue holds: a letter is
+/// counted once the broker has confirmed it, never while it is still on its
+/// way. The service talks to the broker across 100 ms of added latency, so a
+/// count taken on receipt would run ahead of the queue by a round trip.
+#[actix_web::test]
+async fn a_dead_letter_is_counted_once_the_dead_letter_queue_holds_it() {
+    let link =
+        Proxy::start(amqp::broker_addr().expect("the broker's address")).expect("the proxy starts");
+    let via = amqp::url_via(link.addr()).expect("a proxied URL");
+    let app = spawn_app_with(sluice_testkit::fresh_database().await, &[("AMQP_URL", via)]).await;
+    link.set_latency(Duration::from_millis(100));
+
+    app.publish_raw("bad.input", b"{not json", Some("bad-1"))
+        .await;
+    eventually(PATIENCE, "the dead letter is counted", || async {
+        let counted = app
+            .metric("sluice_events_dead_lettered_total", r#"reason="not_json""#)
+            .await;
+        // Read the queue right after the metric: it must already hold what was counted.
+        let held = app.dead_ready().await;
+        assert!(
+            f64::from(held) >= counted,
+            "{counted} dead letter(s) counted but the dead-letter queue holds {held}"
+        );
+        if counted >= 1.0 {
+            Ok(())
+        } else {
+            Err("not counted yet")
+        }
+    })
+    .await;
+    assert_eq!(app.dead_ready().await, 1);
+    assert_eq!(app.terminate(), Some(0));
     app.cleanup().await;
 }

@@ -11,14 +11,12 @@ use crate::event::{DeadLetter, DeadReason};
 use crate::internal_events::datastore::DeadLettered;
 use crate::settlement::Settled;
 
-/// One metric update (and log line) per reason, not per message.
-pub(super) fn report_dead(dead: &[DeadLetter]) {
+/// One metric update (and log line) per reason, not per message, for the
+/// letters the broker now holds.
+fn report_dead(dead: &[(DeadReason, String)]) {
     let mut by_reason: HashMap<DeadReason, (usize, &str)> = HashMap::new();
-    for letter in dead {
-        by_reason
-            .entry(letter.reason)
-            .or_insert((0, &letter.detail))
-            .0 += 1;
+    for (reason, detail) in dead {
+        by_reason.entry(*reason).or_insert((0, detail)).0 += 1;
     }
     for (reason, (count, detail)) in by_reason {
         DeadLettered {
@@ -37,7 +35,9 @@ const MAX_DETAIL: usize = 1024;
 /// the headers and waits for the broker's confirms. A confirmed one is then
 /// settled by ack (its copy is safe); one that could not be published is
 /// rejected without requeue, so the queue's own dead-lettering takes it
-/// (without our reason header, but not lost).
+/// (without our reason header, but not lost). Only then is it counted in
+/// `sluice_events_dead_lettered_total`: the metric never runs ahead of what
+/// the dead-letter queue holds.
 pub(super) async fn dead_letter(
     dead_channel: &Channel,
     channel: &Channel,
@@ -61,7 +61,7 @@ pub(super) async fn dead_letter(
         );
         headers.insert(
             "x-sluice-detail".into(),
-            AMQPValue::LongString(detail.into()),
+            AMQPValue::LongString(detail.clone().into()),
         );
         let properties = letter.properties.with_headers(headers);
         let publish = dead_channel
@@ -73,10 +73,11 @@ pub(super) async fn dead_letter(
                 properties,
             )
             .await;
-        pending.push((letter.delivery.tag, publish));
+        pending.push((letter.delivery.tag, letter.reason, detail, publish));
     }
     let mut settled = Vec::with_capacity(pending.len());
-    for (tag, publish) in pending {
+    let mut reported = Vec::with_capacity(pending.len());
+    for (tag, reason, detail, publish) in pending {
         let confirmed = match publish {
             Ok(confirm) => match confirm.await {
                 Ok(confirmation) if confirmation.is_ack() => Ok(()),
@@ -86,14 +87,20 @@ pub(super) async fn dead_letter(
             Err(err) => Err(err.to_string()),
         };
         match confirmed {
-            Ok(()) => settled.push((tag, Settled::Ack)),
+            Ok(()) => {
+                settled.push((tag, Settled::Ack));
+                reported.push((reason, detail));
+            }
             Err(why) => {
                 log::warn!("could not publish dead letter for delivery {tag} ({why}); rejecting it instead");
                 match channel
                     .basic_reject(tag, BasicRejectOptions { requeue: false })
                     .await
                 {
-                    Ok(()) => settled.push((tag, Settled::Rejected)),
+                    Ok(()) => {
+                        settled.push((tag, Settled::Rejected));
+                        reported.push((reason, detail));
+                    }
                     Err(err) => log::warn!(
                         "reject of delivery {tag} failed too ({err}); the broker will redeliver it"
                     ),
@@ -101,5 +108,6 @@ pub(super) async fn dead_letter(
             }
         }
     }
+    report_dead(&reported);
     settled
 }

@@ -8,7 +8,6 @@ use std::time::{Instant, SystemTime};
 use actix::prelude::*;
 use futures_util::StreamExt;
 
-use super::dead_letter::report_dead;
 use super::link::Window;
 use super::{Consumer, ConsumerSettings, StreamEnded};
 use crate::event::{DeadLetter, DeliveryRef, Event, EventData};
@@ -76,15 +75,11 @@ pub(super) async fn read(
         }
         .emit();
         if !dead.is_empty() {
-            report_dead(&dead);
-            if consumer
-                .send(Settle {
-                    stored: Vec::new(),
-                    dead,
-                })
-                .await
-                .is_err()
-            {
+            let settle = Settle {
+                stored: Vec::new(),
+                dead,
+            };
+            if consumer.send(settle).await.is_err() {
                 break;
             }
         }
@@ -101,7 +96,6 @@ pub(super) async fn read(
                 break;
             };
             if !admitted.dropped.is_empty() {
-                report_dead(&admitted.dropped);
                 let settle = Settle {
                     stored: Vec::new(),
                     dead: admitted.dropped,

@@ -59,7 +59,8 @@ impl EndToEndLatency {
     }
 }
 
-/// Messages were dead-lettered.
+/// Messages were dead-lettered: the broker confirmed them on the dead-letter
+/// exchange (or took them by reject), so the dead-letter queue holds them.
 #[derive(Debug)]
 pub struct DeadLettered {
     /// Why.
