@@ -78,6 +78,10 @@ pub struct Scale {
     pub ceiling_messages: u64,
     /// Messages pre-filled for the drain.
     pub drain_messages: u64,
+    /// Rounds of the drain, each one plain pipeline and one Sluice drain,
+    /// back to back, the order alternating (a machine shared with other work
+    /// drifts between minutes; pairs and their median see through that).
+    pub drain_rounds: usize,
     /// Fixed offered rates of the latency scenario (msgs/s).
     pub latency_rates: Vec<f64>,
     /// How long each fixed rate is offered.
@@ -111,6 +115,7 @@ impl Scale {
             name: "full",
             ceiling_messages: 100_000,
             drain_messages: 100_000,
+            drain_rounds: 3,
             latency_rates: vec![10.0, 100.0, 1000.0],
             latency_window: Duration::from_secs(10),
             step_warmup: Duration::from_secs(2),
@@ -132,6 +137,7 @@ impl Scale {
             name: "quick",
             ceiling_messages: 5_000,
             drain_messages: 5_000,
+            drain_rounds: 1,
             latency_rates: vec![10.0, 100.0, 1000.0],
             latency_window: Duration::from_secs(1),
             step_warmup: Duration::from_millis(300),
@@ -153,6 +159,7 @@ impl Scale {
             name: "smoke",
             ceiling_messages: 300,
             drain_messages: 300,
+            drain_rounds: 2,
             latency_rates: vec![20.0, 200.0],
             latency_window: Duration::from_millis(500),
             step_warmup: Duration::from_millis(200),
@@ -180,8 +187,10 @@ pub struct Results {
     pub broker_best: Option<(u16, u64)>,
     /// PostgreSQL alone: bulk inserts, rows/s.
     pub pg_ceiling: Option<f64>,
-    /// The backlog drain.
+    /// The backlog drain: the round with the median Sluice / plain ratio.
     pub drain: Option<DrainResult>,
+    /// Every round of the drain, in order (each with its plain pipeline).
+    pub drain_rounds: Vec<DrainResult>,
     /// Latency points (fixed rates and search steps, with and without added
     /// database latency).
     pub points: Vec<Point>,

@@ -56,9 +56,57 @@ fn rate_text(m: &crate::MaxRate) -> String {
     )
 }
 
+/// The median of `values` (the lower middle one for an even count).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len().saturating_sub(1) / 2).copied()
+}
+
+/// One row per drain round, misses included, when there was more than one.
+fn drain_round_rows(rounds: &[crate::DrainResult], rows: &mut Vec<Row>) {
+    if rounds.len() < 2 {
+        return;
+    }
+    for (i, d) in rounds.iter().enumerate() {
+        let Some(plain) = &d.plain else { continue };
+        let ratio = d.rate / plain.rate;
+        let cpu = d
+            .cpu_us_per_msg
+            .zip(plain.cpu_us_per_msg)
+            .map(|(s, p)| s / p);
+        rows.push(Row {
+            scenario: "drain",
+            figure: format!(
+                "round {} of {} ({} first): Sluice rate, CPU µs/msg",
+                i + 1,
+                rounds.len(),
+                if i % 2 == 0 { "plain" } else { "Sluice" }
+            ),
+            measured: format!("{:.0} msgs/s, {} µs", d.rate, fmt_opt(d.cpu_us_per_msg, 1)),
+            baseline: format!(
+                "plain {:.0} msgs/s, {} µs",
+                plain.rate,
+                fmt_opt(plain.cpu_us_per_msg, 1)
+            ),
+            ratio: Some(ratio),
+            target: format!(
+                "rate {}, CPU ratio {} {}",
+                verdict(ratio >= 0.95),
+                fmt_opt(cpu, 2),
+                verdict(cpu.is_some_and(|c| c <= 1.1))
+            ),
+        });
+    }
+}
+
 /// The drain's rows: the plain pipeline, Sluice against it and against the
-/// broker, CPU per message, memory.
-fn drain_rows(d: &crate::DrainResult, rows: &mut Vec<Row>) {
+/// broker, CPU per message, memory; `d` is the median round of `rounds`.
+fn drain_rows(d: &crate::DrainResult, rounds: &[crate::DrainResult], rows: &mut Vec<Row>) {
+    let of_rounds = if rounds.len() > 1 {
+        format!(", median of {} rounds", rounds.len())
+    } else {
+        String::new()
+    };
     let broker = match (d.broker_ceiling, d.broker_ceiling_after) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
@@ -81,7 +129,7 @@ fn drain_rows(d: &crate::DrainResult, rows: &mut Vec<Row>) {
     rows.push(Row {
         scenario: "drain",
         figure: format!(
-            "Sluice: {} msgs backlog drained (mean batch {})",
+            "Sluice: {} msgs backlog drained (mean batch {}){of_rounds}",
             d.messages,
             fmt_opt(d.mean_batch, 0)
         ),
@@ -109,10 +157,31 @@ fn drain_rows(d: &crate::DrainResult, rows: &mut Vec<Row>) {
         target: "reported".into(),
     });
     let plain_cpu = d.plain.as_ref().and_then(|p| p.cpu_us_per_msg);
-    let cpu_ratio = d.cpu_us_per_msg.zip(plain_cpu).map(|(s, p)| s / p);
+    // The CPU verdict is the median of every round's ratio, not the
+    // rate-median round's.
+    let cpu_ratio = if rounds.len() > 1 {
+        median(
+            rounds
+                .iter()
+                .filter_map(|r| {
+                    let plain = r.plain.as_ref()?.cpu_us_per_msg?;
+                    Some(r.cpu_us_per_msg? / plain)
+                })
+                .collect(),
+        )
+    } else {
+        d.cpu_us_per_msg.zip(plain_cpu).map(|(s, p)| s / p)
+    };
     rows.push(Row {
         scenario: "drain",
-        figure: "Sluice CPU per message (/proc/<pid>/stat, start-up excluded)".into(),
+        figure: format!(
+            "Sluice CPU per message (/proc/<pid>/stat, start-up excluded){}",
+            if rounds.len() > 1 {
+                format!("; ratio: median of {} rounds", rounds.len())
+            } else {
+                String::new()
+            }
+        ),
         measured: format!("{} µs", fmt_opt(d.cpu_us_per_msg, 1)),
         baseline: format!("plain {} µs", fmt_opt(plain_cpu, 1)),
         ratio: cpu_ratio,
@@ -164,7 +233,8 @@ pub fn rows(r: &Results) -> Vec<Row> {
         });
     }
     if let Some(d) = &r.drain {
-        drain_rows(d, &mut rows);
+        drain_rows(d, &r.drain_rounds, &mut rows);
+        drain_round_rows(&r.drain_rounds, &mut rows);
     }
     for rate in [10.0, 100.0, 1000.0] {
         let Some(a) = point(r, Strategy::Adaptive, rate) else {

@@ -51,9 +51,20 @@ fn ceiling_measures_both_denominators() {
 #[test]
 fn drain_stores_the_whole_backlog() {
     let r = run(Scenario::Drain);
-    let d = r.drain.expect("drain result");
+    let d = r.drain.clone().expect("drain result");
     assert_eq!(d.messages, Scale::smoke().drain_messages);
     assert!(d.rate > 0.0 && d.broker_ceiling.is_some(), "{d:?}");
+    // Every round has its own plain pipeline, and the headline is one of them.
+    assert_eq!(r.drain_rounds.len(), Scale::smoke().drain_rounds);
+    assert!(
+        r.drain_rounds
+            .iter()
+            .all(|round| round.plain.as_ref().is_some_and(|p| p.rate > 0.0)),
+        "{r:?}"
+    );
+    assert!(r.drain_rounds.contains(&d));
+    let table = sluice_bench::report::summary_table(&r);
+    assert!(table.contains("round 2 of 2 (Sluice first)"), "{table}");
 }
 
 #[test]

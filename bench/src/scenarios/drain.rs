@@ -17,10 +17,13 @@ use crate::rig::{cpu_seconds, thread_busy, thread_cpu, Rig, Strategy, BATCH_SIZE
 use crate::scenarios::ceiling;
 use crate::{say, Bench, DrainResult, Probe};
 
-/// Run the drain: the plain pipeline, then Sluice, on the same backlog size,
-/// then the broker ceiling again (measuring it first if this run has none).
+/// Run the drain: rounds of the plain pipeline and Sluice on the same backlog
+/// size, back to back and in alternating order, then the broker ceiling again
+/// (measuring it first if this run has none). The headline is the round with
+/// the median Sluice / plain ratio; every round is kept and reported.
 pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let n = bench.scale.drain_messages;
+    let rounds = bench.scale.drain_rounds.max(1);
     if bench.results.broker_ceiling.is_none() {
         say(format!(
             "drain: broker ceiling first ({n} messages per try)"
@@ -28,43 +31,82 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
         ceiling::best_broker(bench, n).await?;
     }
     let probe = bench.probe()?;
-    say(format!(
-        "drain: the plain pipeline, {n} pre-filled messages"
-    ));
-    let plain = plain_pipeline(&probe, n, Duration::from_secs(600)).await?;
-    say(format!(
-        "  plain pipeline: {:.0} msgs/s, {:.1} µs CPU/msg, peak RSS {:.0} MB",
-        plain.rate,
-        plain.cpu_us_per_msg.unwrap_or(f64::NAN),
-        plain.peak_rss_mb.unwrap_or(f64::NAN),
-    ));
-    say(format!(
-        "drain: Sluice, {n} pre-filled messages, adaptive batching"
-    ));
-    let mut rig = Rig::new(&bench.bin, Strategy::Adaptive, false, &[]).await?;
-    let measured = drain(&mut rig, n, Duration::from_secs(600)).await;
-    rig.finish().await;
-    let mut result = measured?;
-    say(format!(
-        "  drained in {:.2?} ({:.2?} busy): {:.0} msgs/s, {:.1} µs CPU/msg, mean batch {:.0}, peak RSS {:.0} MB",
-        result.wall,
-        result.busy,
-        result.rate,
-        result.cpu_us_per_msg.unwrap_or(f64::NAN),
-        result.mean_batch.unwrap_or(0.0),
-        result.peak_rss_mb.unwrap_or(0.0),
-    ));
+    let mut results = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        // Odd rounds measure the plain pipeline first, even rounds Sluice.
+        let plain_first = round % 2 == 1;
+        let mut plain = None;
+        if plain_first {
+            plain = Some(plain_round(&probe, n, round, rounds).await?);
+        }
+        say(format!(
+            "drain {round}/{rounds}: Sluice, {n} pre-filled messages, adaptive batching"
+        ));
+        let mut rig = Rig::new(&bench.bin, Strategy::Adaptive, false, &[]).await?;
+        let measured = drain(&mut rig, n, Duration::from_secs(600)).await;
+        rig.finish().await;
+        let mut result = measured?;
+        say(format!(
+            "  drained in {:.2?} ({:.2?} busy): {:.0} msgs/s, {:.1} µs CPU/msg, mean batch {:.0}, peak RSS {:.0} MB",
+            result.wall,
+            result.busy,
+            result.rate,
+            result.cpu_us_per_msg.unwrap_or(f64::NAN),
+            result.mean_batch.unwrap_or(0.0),
+            result.peak_rss_mb.unwrap_or(0.0),
+        ));
+        if plain.is_none() {
+            plain = Some(plain_round(&probe, n, round, rounds).await?);
+        }
+        let plain = plain.context("the plain pipeline ran")?;
+        say(format!(
+            "  round {round}: Sluice / plain {:.2}, CPU per message {:.2} × plain",
+            result.rate / plain.rate,
+            result
+                .cpu_us_per_msg
+                .zip(plain.cpu_us_per_msg)
+                .map_or(f64::NAN, |(s, p)| s / p),
+        ));
+        result.plain = Some(plain);
+        results.push(result);
+    }
     let (prefetch, ack_every) = bench.results.broker_best.unwrap_or((2000, 100));
     say(format!(
         "drain: broker ceiling again (prefetch {prefetch}, ack every {ack_every})"
     ));
     let after = ceiling::broker_ceiling(&probe, n, prefetch, ack_every).await?;
     say(format!("  broker: {:.0} msgs/s", after.rate));
-    result.broker_ceiling = bench.results.broker_ceiling;
-    result.broker_ceiling_after = Some(after.rate);
-    result.plain = Some(plain);
-    bench.results.drain = Some(result);
+    for result in &mut results {
+        result.broker_ceiling = bench.results.broker_ceiling;
+        result.broker_ceiling_after = Some(after.rate);
+    }
+    bench.results.drain = median_round(&results).cloned();
+    bench.results.drain_rounds = results;
     Ok(())
+}
+
+/// One plain-pipeline measurement of a round, with its progress lines.
+async fn plain_round(probe: &Path, n: u64, round: usize, rounds: usize) -> anyhow::Result<Probe> {
+    say(format!(
+        "drain {round}/{rounds}: the plain pipeline, {n} pre-filled messages"
+    ));
+    let plain = plain_pipeline(probe, n, Duration::from_secs(600)).await?;
+    say(format!(
+        "  plain pipeline: {:.0} msgs/s, {:.1} µs CPU/msg, peak RSS {:.0} MB",
+        plain.rate,
+        plain.cpu_us_per_msg.unwrap_or(f64::NAN),
+        plain.peak_rss_mb.unwrap_or(f64::NAN),
+    ));
+    Ok(plain)
+}
+
+/// The round whose Sluice / plain ratio is the median (the lower middle one
+/// for an even count: the figure is never rounded up).
+pub fn median_round(rounds: &[DrainResult]) -> Option<&DrainResult> {
+    let ratio = |d: &DrainResult| d.plain.as_ref().map_or(0.0, |p| d.rate / p.rate);
+    let mut sorted: Vec<&DrainResult> = rounds.iter().collect();
+    sorted.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
+    sorted.get(sorted.len().saturating_sub(1) / 2).copied()
 }
 
 /// The plain pipeline (`sluice-bench-probe pipeline`, its own process) on a
