@@ -343,13 +343,14 @@ impl Loader {
         })
     }
 
-    /// Close the channel and the connection.
+    /// Close the channel and the connection (bounded: see
+    /// [`sluice_actors::tls::close_broker`]). Every publish was confirmed
+    /// before, so a close that does not complete loses nothing.
     pub async fn close(self) -> anyhow::Result<()> {
-        let _ = self.channel.close(200, "bye".into()).await;
-        self.connection
-            .close(200, "bye".into())
-            .await
-            .context("closing the broker connection")
+        let channel = self.channel.close(200, "bye".into());
+        let _ = tokio::time::timeout(sluice_actors::tls::CLOSE_TIMEOUT, channel).await;
+        sluice_actors::tls::close_broker(&self.connection, "bye").await;
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! Connecting to the broker over `amqp://` or `amqps://` (lapin's own rustls
-//! support), the broker's TLS settings, and one sentence naming the cause
-//! of a failed TLS handshake, for the broker and the database alike.
+//! support) and closing within a bound, the broker's TLS settings, and one
+//! sentence naming the cause of a failed TLS handshake, for the broker and
+//! the database alike.
 //!
 //! With `amqps://`, the broker's certificate is checked against the
 //! system's root certificates plus, when given, a private CA
@@ -12,6 +13,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties};
@@ -167,6 +169,25 @@ pub async fn connect_broker(
             url: redact(url),
             cause: broker_cause(url, tls, &e),
         })
+}
+
+/// How long a clean close of a broker connection may take.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes `connection` cleanly (`connection.close`, waiting for `close-ok`),
+/// giving up after [`CLOSE_TIMEOUT`]: everything that mattered (acks,
+/// confirms) was settled before, and a close that never completes
+/// (seen once in a few hundred: the socket already gone, the answer never
+/// coming) must not hold a shutdown. Dropping the connection then closes
+/// the socket.
+pub async fn close_broker(connection: &Connection, why: &str) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, why.into())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::debug!("closing the broker connection: {e}"),
+        Err(_) => log::warn!(
+            "the broker did not answer the close within {CLOSE_TIMEOUT:?}; dropping the connection"
+        ),
+    }
 }
 
 /// A broker connection that failed; its text is meant for one log line.

@@ -9,7 +9,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _, Result};
 use lapin::options::{
@@ -56,6 +56,16 @@ pub fn url_via(addr: SocketAddr) -> Result<String> {
         "amqp://{}:{}@{addr}/{vhost}",
         user.username, user.password
     ))
+}
+
+/// How long [`close`] waits for the broker's `close-ok`.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Close `connection`, giving up after [`CLOSE_TIMEOUT`]: lapin's close
+/// has been seen to wait forever for an answer on a socket already gone,
+/// and a helper must not hang a test or a benchmark for it.
+pub async fn close(connection: &Connection) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "bye".into())).await;
 }
 
 /// A topology prefix no other test uses: `sluice_test_<random>`.
@@ -208,13 +218,12 @@ impl Publisher {
         Ok(())
     }
 
-    /// Close the channel and the connection cleanly.
+    /// Close the channel and the connection cleanly (bounded, see [`close`]).
     pub async fn close(self) -> Result<()> {
-        let _ = self.channel.close(200, "bye".into()).await;
-        self.connection
-            .close(200, "bye".into())
-            .await
-            .context("close connection")
+        let channel = self.channel.close(200, "bye".into());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel).await;
+        close(&self.connection).await;
+        Ok(())
     }
 }
 
@@ -273,7 +282,7 @@ async fn ready_and_consumers(url: &str, queue: &str) -> Result<(u32, u32)> {
         Ok((q.message_count(), q.consumer_count()))
     }
     .await;
-    let _ = connection.close(200, "bye".into()).await;
+    close(&connection).await;
     result
 }
 
@@ -371,7 +380,7 @@ pub async fn get_all(url: &str, queue: &str) -> Result<Vec<GotMessage>> {
         Ok(got)
     }
     .await;
-    let _ = connection.close(200, "bye".into()).await;
+    close(&connection).await;
     result
 }
 
@@ -406,7 +415,7 @@ pub async fn delete_topology(url: &str, prefix: &str) -> Result<()> {
             }
         }
     }
-    let _ = connection.close(200, "bye".into()).await;
+    close(&connection).await;
     Ok(())
 }
 
@@ -445,7 +454,7 @@ mod tests {
                 FieldTable::default(),
             )
             .await?;
-        connection.close(200, "bye".into()).await?;
+        close(&connection).await;
         Ok(())
     }
 

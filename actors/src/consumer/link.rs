@@ -171,6 +171,6 @@ pub(super) async fn open(
 
 pub(super) fn close(link: Link, why: &'static str) {
     actix::spawn(async move {
-        let _ = link.connection.close(200, why.into()).await;
+        crate::tls::close_broker(&link.connection, why).await;
     });
 }

@@ -264,8 +264,9 @@ impl Consumer {
             let waiters = std::mem::take(&mut self.drained);
             actix::spawn(async move {
                 link.acker.flush().await;
-                let _ = link.channel.close(200, "shutting down".into()).await;
-                let _ = link.connection.close(200, "shutting down".into()).await;
+                let close = link.channel.close(200, "shutting down".into());
+                let _ = tokio::time::timeout(crate::tls::CLOSE_TIMEOUT, close).await;
+                crate::tls::close_broker(&link.connection, "shutting down").await;
                 for waiter in waiters {
                     let _ = waiter.send(());
                 }

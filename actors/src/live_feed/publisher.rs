@@ -183,7 +183,7 @@ async fn publish_loop(settings: FeedSettings, mut rx: mpsc::Receiver<Outgoing>) 
         match link.serve(&settings, &channel.1, &mut rx).await {
             Ok(()) => {
                 // The actor is gone: the service is stopping.
-                let _ = channel.0.close(200, "bye".into()).await;
+                crate::tls::close_broker(&channel.0, "bye").await;
                 return;
             }
             Err(why) => {
@@ -192,7 +192,7 @@ async fn publish_loop(settings: FeedSettings, mut rx: mpsc::Receiver<Outgoing>) 
                     lost: Some(why),
                 }
                 .emit();
-                let _ = channel.0.close(200, "reconnecting".into()).await;
+                crate::tls::close_broker(&channel.0, "reconnecting").await;
             }
         }
     }

@@ -207,7 +207,7 @@ async fn read(
                 Ok(()) => true,
                 Err(SendError::Full(_)) => false,
                 Err(SendError::Closed(_)) => {
-                    let _ = connection.close(200, "bye".into()).await;
+                    crate::tls::close_broker(&connection, "bye").await;
                     return Ok(());
                 }
             },

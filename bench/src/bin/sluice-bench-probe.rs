@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
         other => bail!("unknown mode {other:?}"),
     };
     let cpu = cpu_seconds(pid).zip(cpu_before).map(|(b, a)| b - a);
-    let _ = connection.close(200, "done".into()).await;
+    sluice_actors::tls::close_broker(&connection, "done").await;
     let line = serde_json::json!({
         "rate": n as f64 / elapsed.as_secs_f64().max(1e-6),
         "cpu_s": cpu,

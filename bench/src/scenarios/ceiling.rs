@@ -125,7 +125,7 @@ pub async fn prefilled_queue(n: u64, label: &str) -> anyhow::Result<String> {
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    let _ = connection.close(200, "bye".into()).await;
+    sluice_actors::tls::close_broker(&connection, "bye").await;
     if let Err(e) = result {
         let _ = delete_topology(&url, &prefix).await;
         return Err(e);
