@@ -73,8 +73,10 @@ pub struct LiveEvent {
 impl LiveEvent {
     /// Serialises one event at `position` (see the type's docs).
     pub fn from_event_at(event: &EventData, position: u64) -> LiveEvent {
-        let plain = LiveEvent::from_event(event);
-        LiveEvent::positioned(position, &event.routing_key, &plain.json, event.received_at)
+        LiveEvent {
+            position,
+            ..LiveEvent::write(event, Some(position))
+        }
     }
 
     /// An event whose JSON object text without a position is `json` (as
@@ -106,10 +108,22 @@ impl LiveEvent {
     /// trusted to be valid JSON text: [`EventData::from_delivery`] validated
     /// the first and built the second.
     pub fn from_event(event: &EventData) -> LiveEvent {
+        LiveEvent::write(event, None)
+    }
+
+    /// Writes the event's JSON object in one buffer, with `"position"` first
+    /// when there is one (the same text [`LiveEvent::positioned`] makes of
+    /// the unpositioned form, without writing it twice).
+    fn write(event: &EventData, position: Option<u64>) -> LiveEvent {
         let mut json = String::with_capacity(
-            event.payload.len() + event.headers.len() + event.message_id.len() + 160,
+            event.payload.len() + event.headers.len() + event.message_id.len() + 192,
         );
-        json.push_str("{\"message_id\":");
+        json.push('{');
+        if let Some(position) = position {
+            // Writing to a String cannot fail.
+            let _ = write!(json, "\"position\":{position},");
+        }
+        json.push_str("\"message_id\":");
         push_json_string(&mut json, &event.message_id);
         json.push_str(",\"routing_key\":");
         push_json_string(&mut json, &event.routing_key);
@@ -726,6 +740,25 @@ pub(crate) mod tests {
                 v["routing_key"].as_str().expect("routing key").to_owned()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_positioned_event_is_written_once_and_reads_as_the_unpositioned_one_placed() {
+        let data = event("a.b", 7);
+        let placed = LiveEvent::from_event_at(&data, 42);
+        let from_plain = LiveEvent::positioned(
+            42,
+            "a.b",
+            LiveEvent::from_event(&data).json(),
+            data.received_at,
+        );
+        assert_eq!(placed.json(), from_plain.json());
+        assert_eq!(placed.position(), 42);
+        assert!(placed
+            .json()
+            .starts_with("{\"position\":42,\"message_id\":"));
+        let v: serde_json::Value = serde_json::from_str(placed.json()).expect("valid JSON");
+        assert_eq!(v["payload"], serde_json::json!({"n": 7}));
     }
 
     #[test]

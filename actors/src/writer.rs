@@ -117,6 +117,7 @@ impl Handler<Batch> for Writer {
                 let elapsed = started.elapsed();
                 let mut stored = Vec::with_capacity(events.len());
                 let mut dead = Vec::new();
+                let mut committed = Vec::with_capacity(events.len());
                 let dead_events = rejected.len();
                 let mut rejected = rejected.into_iter().peekable();
                 for (index, event) in events.iter().enumerate() {
@@ -125,11 +126,9 @@ impl Handler<Batch> for Writer {
                         continue;
                     }
                     stored.extend(event.deliveries());
-                    EndToEndLatency {
-                        since: event.data.published_at.unwrap_or(event.data.received_at),
-                    }
-                    .emit();
+                    committed.push(event.data.published_at.unwrap_or(event.data.received_at));
                 }
+                EndToEndLatency { since: committed }.emit();
                 BatchCommitted {
                     events: events.len() - dead_events,
                     inserted,

@@ -44,17 +44,24 @@ impl BatchCommitted {
     }
 }
 
-/// Time from publication (AMQP timestamp, else receipt) to commit, per event.
+/// Time from publication (AMQP timestamp, else receipt) to commit, one
+/// observation per event of a committed batch.
 #[derive(Debug)]
-pub struct EndToEndLatency {
-    /// When the event was published, or received when the publisher set no timestamp.
-    pub since: SystemTime,
+pub struct EndToEndLatency<I> {
+    /// When each event was published, or received when the publisher set no
+    /// timestamp.
+    pub since: I,
 }
 
-impl EndToEndLatency {
+impl<I: IntoIterator<Item = SystemTime>> EndToEndLatency<I> {
+    /// One registry lookup and one clock read per batch, not per event.
     pub fn emit(self) {
-        if let Ok(elapsed) = SystemTime::now().duration_since(self.since) {
-            histogram!("sluice_end_to_end_latency_seconds").record(elapsed.as_secs_f64());
+        let now = SystemTime::now();
+        let latency = histogram!("sluice_end_to_end_latency_seconds");
+        for since in self.since {
+            if let Ok(elapsed) = now.duration_since(since) {
+                latency.record(elapsed.as_secs_f64());
+            }
         }
     }
 }
