@@ -176,9 +176,9 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Closes `connection` cleanly (`connection.close`, waiting for `close-ok`),
 /// giving up after [`CLOSE_TIMEOUT`]: everything that mattered (acks,
-/// confirms) was settled before, and a close that never completes
-/// (seen once in a few hundred: the socket already gone, the answer never
-/// coming) must not hold a shutdown. Dropping the connection then closes
+/// confirms) was settled before, and a close that never completes (seen
+/// once in a benchmark: the socket already gone, the answer never coming)
+/// must not hold a shutdown. Dropping the connection then closes
 /// the socket.
 pub async fn close_broker(connection: &Connection, why: &str) {
     match tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, why.into())).await {
