@@ -463,28 +463,27 @@ fn parse_max_lag(value: &str) -> Result<Duration, String> {
 }
 
 fn parse_prefix(value: &str) -> Result<String, String> {
-    let ok = !value.is_empty()
-        && value.len() <= 200
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(value.to_owned())
-    } else {
-        Err("expected 1 to 200 characters among letters, digits, `.`, `_` and `-`".into())
-    }
+    parse_name(value, 200)
 }
 
 fn parse_instance_name(value: &str) -> Result<String, String> {
+    parse_name(value, 64)
+}
+
+/// A name of 1 to `max` characters among letters, digits, `.`, `_` and `-`
+/// (safe in AMQP names, metric labels and log lines alike).
+fn parse_name(value: &str, max: usize) -> Result<String, String> {
     let ok = !value.is_empty()
-        && value.len() <= 64
+        && value.len() <= max
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(value.to_owned())
     } else {
-        Err("expected 1 to 64 characters among letters, digits, `.`, `_` and `-`".into())
+        Err(format!(
+            "expected 1 to {max} characters among letters, digits, `.`, `_` and `-`"
+        ))
     }
 }
 

@@ -73,10 +73,7 @@ pub struct LiveEvent {
 impl LiveEvent {
     /// Serialises one event at `position` (see the type's docs).
     pub fn from_event_at(event: &EventData, position: u64) -> LiveEvent {
-        LiveEvent {
-            position,
-            ..LiveEvent::write(event, Some(position))
-        }
+        LiveEvent::write(event, Some(position))
     }
 
     /// An event whose JSON object text without a position is `json` (as
@@ -138,7 +135,7 @@ impl LiveEvent {
         json.push('}');
         LiveEvent {
             json: json.into(),
-            position: 0,
+            position: position.unwrap_or(0),
             routing_key: event.routing_key.as_str().into(),
             received_at: event.received_at,
         }

@@ -208,6 +208,18 @@ mod tests {
         }
     }
 
+    /// Sends `n` one-event chunks, each after the previous one's admission, as
+    /// the reader does.
+    async fn send_chunks(tap: &Addr<Tap>, n: u64) {
+        for tag in 0..n {
+            tap.send(Ingest {
+                events: vec![event(tag)],
+            })
+            .await
+            .expect("tap alive");
+        }
+    }
+
     #[actix::test]
     async fn a_stuck_live_path_never_holds_up_the_queue() {
         let admitted = Arc::new(AtomicUsize::new(0));
@@ -221,13 +233,7 @@ mod tests {
             DroppedCopies::default(),
         )
         .start();
-        for tag in 0..100 {
-            tap.send(Ingest {
-                events: vec![event(tag)],
-            })
-            .await
-            .expect("tap alive");
-        }
+        send_chunks(&tap, 100).await;
         assert_eq!(admitted.load(Ordering::SeqCst), 100);
     }
 
@@ -272,13 +278,7 @@ mod tests {
         )
         .with_coalesce(Duration::from_millis(50))
         .start();
-        for tag in 0..100 {
-            tap.send(Ingest {
-                events: vec![event(tag)],
-            })
-            .await
-            .expect("tap alive");
-        }
+        send_chunks(&tap, 100).await;
         let mut seen = Vec::new();
         let mut messages = 0;
         while seen.len() < 100 {
@@ -337,13 +337,7 @@ mod tests {
         )
         .with_coalesce(Duration::ZERO)
         .start();
-        for tag in 0..30 {
-            tap.send(Ingest {
-                events: vec![event(tag)],
-            })
-            .await
-            .expect("tap alive");
-        }
+        send_chunks(&tap, 30).await;
         assert_eq!(admitted.load(Ordering::SeqCst), 30);
         assert!(dropped.take() >= 20, "copies past the bound are counted");
     }
