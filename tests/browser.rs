@@ -21,7 +21,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::browser::{number, open_browser, page_state, save_screenshot, wait_for};
+use common::browser::{
+    number, open_browser, page_state, save_screenshot, wait_accounted, wait_for,
+};
 use fantoccini::Locator;
 use sluice_testkit::fresh_database;
 
@@ -62,14 +64,7 @@ async fn the_dashboard_shows_live_events_and_charts() {
     // Assert: the tail, the charts and the figures show them. The live path
     // may drop events for a browser under a burst; each drop is told to it
     // (`lagged`), so every event is either seen or counted as missed.
-    wait_for(
-        &client,
-        "every event reached this browser or was reported missed",
-        &format!(
-            "Number(document.body.dataset.eventsSeen) + Number(document.body.dataset.missed) >= {total}"
-        ),
-    )
-    .await;
+    wait_accounted(&client, total).await;
     wait_for(
         &client,
         "the tail shows events of the last wave",
@@ -260,14 +255,7 @@ async fn the_dashboard_behind_a_slow_link_stays_fresh_and_says_what_it_missed() 
     save_screenshot(&client, "dashboard-slow-link.png").await;
 
     let total = TICKS * PER_TICK;
-    wait_for(
-        &client,
-        "every event reached this browser or was reported missed",
-        &format!(
-            "Number(document.body.dataset.eventsSeen) + Number(document.body.dataset.missed) >= {total}"
-        ),
-    )
-    .await;
+    wait_accounted(&client, total).await;
     let seen = number(&client, "document.body.dataset.eventsSeen").await;
     let missed = number(&client, "document.body.dataset.missed").await;
     let worst_shown = number(&client, "document.body.dataset.worstShownAgeMs").await;

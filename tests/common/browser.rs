@@ -103,6 +103,19 @@ pub async fn wait_for(client: &Client, what: &str, expression: &str) {
     }
 }
 
+/// Waits until every one of `total` events reached the page or was reported
+/// to it as missed (`lagged`): the dashboard's "seen" plus "missed here".
+pub async fn wait_accounted(client: &Client, total: usize) {
+    wait_for(
+        client,
+        "every event reached this browser or was reported missed",
+        &format!(
+            "Number(document.body.dataset.eventsSeen) + Number(document.body.dataset.missed) >= {total}"
+        ),
+    )
+    .await;
+}
+
 /// The `data-*` attributes of `<body>` and the charts, for failure messages.
 pub async fn page_state(client: &Client) -> String {
     client

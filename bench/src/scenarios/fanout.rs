@@ -188,17 +188,6 @@ struct Clients {
     stalled: Vec<Socket>,
 }
 
-/// The parts of a frame the clients count.
-#[derive(Debug, Deserialize)]
-struct Frame {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    events: Vec<serde::de::IgnoredAny>,
-    #[serde(default)]
-    missed: u64,
-}
-
 impl Clients {
     async fn connect(addr: SocketAddr, total: usize, stalled: usize) -> anyhow::Result<Clients> {
         let url = format!("ws://{addr}/ws");
@@ -274,7 +263,7 @@ async fn read(mut socket: Socket, seen: Arc<Seen>) {
             return;
         };
         if let Message::Text(text) = message {
-            let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
+            let Ok(frame) = serde_json::from_str::<super::Frame>(text.as_str()) else {
                 continue;
             };
             match frame.kind.as_str() {

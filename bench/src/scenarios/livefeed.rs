@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
-use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::rig::{Rig, Strategy};
@@ -154,17 +153,6 @@ async fn measure(rig: &mut Rig, mode: &str, n: u64) -> anyhow::Result<FeedRun> {
     })
 }
 
-/// The parts of a frame counted here.
-#[derive(Debug, Deserialize)]
-struct Frame {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    events: Vec<serde::de::IgnoredAny>,
-    #[serde(default)]
-    missed: u64,
-}
-
 /// Reads until `n` events are accounted for; the missed count and when.
 async fn read_all<S>(mut socket: S, n: u64) -> anyhow::Result<(u64, Instant)>
 where
@@ -178,7 +166,7 @@ where
             .context("the session ended early")?
             .context("reading the session")?;
         if let Message::Text(text) = message {
-            let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
+            let Ok(frame) = serde_json::from_str::<super::Frame>(text.as_str()) else {
                 continue;
             };
             match frame.kind.as_str() {

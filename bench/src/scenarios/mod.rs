@@ -270,6 +270,21 @@ fn search_start(strategy: Strategy, db_rtt_ms: f64) -> f64 {
     }
 }
 
+/// The parts of a `/ws` frame the benchmark's clients count: how many
+/// events an `events` frame holds, how many a `lagged` frame says were missed.
+#[derive(Debug, serde::Deserialize)]
+pub struct Frame {
+    /// `events` or `lagged`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The events (not looked at, only counted).
+    #[serde(default)]
+    pub events: Vec<serde::de::IgnoredAny>,
+    /// Events missed, in a `lagged` frame.
+    #[serde(default)]
+    pub missed: u64,
+}
+
 /// `x` with `decimals`, or `-`.
 pub fn fmt_opt(x: Option<f64>, decimals: usize) -> String {
     match x {
