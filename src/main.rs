@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
+
 use sluice::config::{Cli, Command};
 use sluice::startup::Application;
 use sluice::telemetry;
@@ -33,10 +35,11 @@ async fn serve(config: sluice::config::Config) -> anyhow::Result<()> {
 
 /// `sluice load`: publish test events on a single-threaded runtime.
 fn load(config: &sluice::config::Config, args: &sluice::load::LoadArgs) -> anyhow::Result<()> {
+    let tls = config.broker_tls()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
-    let tls = config.broker_tls()?;
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(sluice::load::run(
         &config.amqp_url,
         &tls,
