@@ -31,6 +31,7 @@ pub(super) async fn read(
         let received_at = SystemTime::now();
         let mut events = Vec::with_capacity(items.len());
         let mut dead = Vec::new();
+        let mut through = None;
         EventsReceived { count: items.len() }.emit();
         for item in items {
             let delivery = match item {
@@ -47,6 +48,7 @@ pub(super) async fn read(
             window
                 .delivered
                 .store(delivery.delivery_tag, Ordering::Relaxed);
+            through = Some(id);
             let routing_key = delivery.routing_key.as_str().to_owned();
             match EventData::from_delivery(
                 routing_key.clone(),
@@ -83,9 +85,12 @@ pub(super) async fn read(
                 break;
             }
         }
-        if !events.is_empty() {
+        // With the live feed's gate, even a chunk of dead letters only tells
+        // the Tap which deliveries it covers: their acks wait for the copies
+        // of every earlier delivery.
+        if !events.is_empty() || (settings.feed_gate.is_some() && through.is_some()) {
             let handed = Instant::now();
-            let admitted = tap.send(Ingest { events }).await;
+            let admitted = tap.send(Ingest { events, through }).await;
             ChunkForwarded {
                 idle,
                 admission: handed.elapsed(),

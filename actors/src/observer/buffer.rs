@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use actix_http::ws::Message;
 use serde::Deserialize;
 
-use crate::observable::LiveEvent;
+use crate::live_event::LiveEvent;
 
 /// What an Observer does with a new event when its buffer is full (`WS_ON_FULL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

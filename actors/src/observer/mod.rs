@@ -70,11 +70,15 @@ use crate::history::Since;
 use crate::internal_events::live::{
     DropStage, LiveEventsDropped, ObserverConnected, ObserverDisconnected, ObserverLagging,
 };
+use crate::live_feed::replay::Replays;
 use crate::messages::LiveBacklog;
-use crate::observable::{Deliver, Observable, ObserverId, Subscribe, SubscribeFrom, Unsubscribe};
+use crate::observable::{
+    Deliver, Observable, ObserverId, Resumed, Subscribe, SubscribeFrom, Unsubscribe,
+};
 use crate::topic::TopicPattern;
 
 mod buffer;
+mod replay;
 mod window;
 
 pub use buffer::OnFull;
@@ -249,6 +253,10 @@ pub struct Observer {
     /// Where the client's stream starts (`?since=` / `?last=`), taken by the
     /// first `Subscribe`; `None`: from now on.
     since: Option<Since>,
+    /// Reads the stream for a resume older than the ring (`LIVE_FEED=stream`).
+    replays: Option<Arc<Replays>>,
+    /// A resume being read from the stream.
+    replaying: Option<replay::Replaying>,
 }
 
 /// See [`MIN_MAILBOX_EVENTS`].
@@ -287,6 +295,8 @@ impl Observer {
             ended: None,
             slot: None,
             since: None,
+            replays: None,
+            replaying: None,
         }
     }
 
@@ -294,6 +304,12 @@ impl Observer {
     /// events) instead of now.
     pub fn with_since(mut self, since: Option<Since>) -> Observer {
         self.since = since;
+        self
+    }
+
+    /// Reads a resume older than the ring from the stream with `replays`.
+    pub fn with_replays(mut self, replays: Option<Arc<Replays>>) -> Observer {
+        self.replays = replays;
         self
     }
 
@@ -336,23 +352,35 @@ impl Observer {
             pattern: self.pattern.clone(),
             backlog: self.backlog.clone(),
         };
+        let since = self.since.take();
+        let after = match since {
+            Some(Since::After(position)) => Some(position),
+            _ => None,
+        };
         let request: std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<(), MailboxError>>>,
-        > = match self.since.take() {
-            None => Box::pin(self.observable.send(subscribe)),
+            Box<dyn std::future::Future<Output = Result<Resumed, MailboxError>>>,
+        > = match since {
+            None => Box::pin(futures_util::FutureExt::map(
+                self.observable.send(subscribe),
+                |r| r.map(|()| Resumed::Subscribed),
+            )),
             Some(since) => Box::pin(self.observable.send(SubscribeFrom { subscribe, since })),
         };
         ctx.spawn(
-            fut::wrap_future(request).map(|result, act: &mut Observer, ctx| {
+            fut::wrap_future(request).map(move |result, act: &mut Observer, ctx| {
                 act.subscribing = false;
-                if result.is_err() {
-                    act.close(
+                match result {
+                    Err(_) => act.close(
                         ctx,
                         CloseCode::Away,
                         "the live stream is unavailable".into(),
-                    );
-                } else if std::mem::take(&mut act.resubscribe) {
-                    act.subscribe(ctx);
+                    ),
+                    Ok(resumed) => {
+                        act.resumed(resumed, after, ctx);
+                        if std::mem::take(&mut act.resubscribe) {
+                            act.subscribe(ctx);
+                        }
+                    }
                 }
             }),
         );
@@ -377,6 +405,8 @@ impl Observer {
             self.expire();
             if !self.pending.has_frame() {
                 self.disarm_stall_timer(ctx);
+                // Everything written: a resume from the stream goes on.
+                self.take_replay_step(ctx);
                 return;
             }
             let blocked = match self.outgoing.try_reserve_many(2) {
@@ -531,7 +561,11 @@ impl Observer {
                 };
                 if pattern != self.pattern {
                     self.pattern = pattern;
-                    self.subscribe(ctx);
+                    // During a replay from the stream, the new filter applies
+                    // from where the ring takes over.
+                    if self.replaying.is_none() {
+                        self.subscribe(ctx);
+                    }
                 }
             }
         }
@@ -722,9 +756,10 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::live_event::tests::event;
+    use crate::live_event::LiveEvent;
     use crate::messages::Publish;
-    use crate::observable::tests::event;
-    use crate::observable::{CountObservers, LiveEvent};
+    use crate::observable::CountObservers;
 
     /// The client's side of a session under test.
     struct Client {
@@ -922,10 +957,7 @@ mod tests {
             let events: Vec<_> = (0..5).map(|i| event("k", n * 5 + i)).collect();
             client
                 .observable
-                .send(Publish {
-                    permit: None,
-                    events: events.into(),
-                })
+                .send(Publish::of(events))
                 .await
                 .expect("alive");
         }
@@ -952,6 +984,7 @@ mod tests {
         assert!(matches!(next(&mut client).await, Message::Pong(_)));
         let publish = |keys: &[&str]| Publish {
             permit: None,
+            through: None,
             events: keys
                 .iter()
                 .enumerate()
