@@ -1,6 +1,7 @@
 //! The database side of start-up: the mapping read, the pool built, the
-//! migrations applied (instances taking turns), and the table the writers
-//! write into checked. Everything here can fail, and runs before any actor.
+//! database waited for (up to DATABASE_START_TIMEOUT), the migrations
+//! applied (instances taking turns), and the table the writers write into
+//! checked. Everything here can fail, and runs before any actor.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use sluice_actors::mapped_store::{MappedStore, TableMapping};
 use sluice_actors::store::{PgStore, Store};
+use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::database::DatabaseTarget;
@@ -39,7 +41,7 @@ impl Database {
         let mapping = config.mapping.as_deref().map(mapping::load).transpose()?;
         let database = DatabaseTarget::parse(&config.database_url)?;
         let pool = connect(config, &database)?;
-        migrate(&pool, &database).await?;
+        migrate(&pool, &database, config.database_start_timeout).await?;
         let store = writers_store(config, &pool, mapping).await?;
         Ok(Database { pool, store })
     }
@@ -91,33 +93,13 @@ fn connect(config: &Config, database: &DatabaseTarget) -> anyhow::Result<Pool> {
         .context("building the database pool")
 }
 
-/// Applies the migrations in `migrations/`, waiting up to a minute for the
-/// database to come up (but not for a certificate it refused).
-async fn migrate(pool: &Pool, database: &DatabaseTarget) -> anyhow::Result<()> {
-    let mut delays = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .with_total_delay(Some(Duration::from_secs(60)))
-        .with_jitter()
-        .build();
-    let client = loop {
-        match pool.get().await {
-            Ok(client) => break client,
-            Err(err) if DatabaseTarget::is_certificate_error(&err) => {
-                bail!("{}", database.describe_error(&err))
-            }
-            Err(err) => match delays.next() {
-                Some(delay) => {
-                    log::warn!(
-                        "database unavailable ({}); retrying in {delay:?}",
-                        database.describe_error(&err)
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                None => bail!("{}", database.describe_error(&err)),
-            },
-        }
-    };
+/// Applies the migrations in `migrations/`, once the database is up.
+async fn migrate(
+    pool: &Pool,
+    database: &DatabaseTarget,
+    start_timeout: Duration,
+) -> anyhow::Result<()> {
+    let client = connect_when_up(pool, database, start_timeout).await?;
     // Migrations run under a session-level advisory lock held on the very
     // connection refinery uses, so instances started together take turns:
     // the first applies, the others then find nothing to do. (Without it,
@@ -147,4 +129,47 @@ async fn migrate(pool: &Pool, database: &DatabaseTarget) -> anyhow::Result<()> {
         log::info!("applied migration {migration}");
     }
     Ok(())
+}
+
+/// A connection, once the database is up: a database that is not up yet is
+/// tried again, with growing delays, until `timeout` (DATABASE_START_TIMEOUT)
+/// has passed since the first attempt; a lasting refusal (no such database,
+/// a certificate refused) fails at once.
+async fn connect_when_up(
+    pool: &Pool,
+    database: &DatabaseTarget,
+    timeout: Duration,
+) -> anyhow::Result<deadpool_postgres::Object> {
+    let deadline = Instant::now() + timeout;
+    // No bound on the count: the deadline is the bound.
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        let err = match pool.get().await {
+            Ok(client) => return Ok(client),
+            Err(err) => err,
+        };
+        if !DatabaseTarget::waiting_may_fix(&err) {
+            bail!("{}", database.describe_error(&err));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!(
+                "the database was not up within DATABASE_START_TIMEOUT={}: {}",
+                humantime::format_duration(timeout),
+                database.describe_error(&err)
+            );
+        }
+        // The last attempt is made at the deadline, not skipped.
+        let delay = delays.next().map_or(left, |delay| delay.min(left));
+        log::warn!(
+            "database unavailable ({}); retrying in {delay:?}",
+            database.describe_error(&err)
+        );
+        tokio::time::sleep(delay).await;
+    }
 }

@@ -13,7 +13,9 @@
 //! - `live.rs`: the Observable on its own thread; `LIVE_FEED=stream`'s feed
 //! - `pipeline.rs`: the Queue, the Tap, the Consumer and the Writers
 //!
-//! Shutdown is passed in as a future, which is what lets tests drive it.
+//! Shutdown is passed in as a future, which is what lets tests drive it. An
+//! HTTP server that ends by itself ends the service too (after draining, as
+//! on SIGTERM), with an error: it is never left running without HTTP.
 
 mod database;
 mod http;
@@ -101,31 +103,72 @@ impl Application {
     /// Serves until `shutdown` completes, then drains the pipeline: the
     /// consumer is cancelled, what was delivered is stored and acked, the
     /// connection is closed. Fails if that takes longer than the shutdown
-    /// timeout (unacked deliveries are then redelivered by the broker).
+    /// timeout (unacked deliveries are then redelivered by the broker), and
+    /// if the HTTP server ends by itself (after draining just the same).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let handle = self.server.handle();
-        let server = actix_web::rt::spawn(self.server);
-        shutdown.await;
-        log::info!(
-            "shutting down: draining (at most {:?})",
-            self.shutdown_timeout
-        );
-        let drained =
-            tokio::time::timeout(self.shutdown_timeout, self.consumer.send(Shutdown)).await;
+        let Application {
+            server,
+            consumer,
+            shutdown_timeout,
+            _live_arbiter,
+            ..
+        } = self;
+        serve(server, shutdown, drain(consumer, shutdown_timeout)).await
+    }
+}
+
+/// Runs `server` until `shutdown` completes or the server ends by itself
+/// (a failure, such as a worker that could not start), then drains with
+/// `drain` while the server still serves (unless it is gone), then stops it.
+/// An HTTP server that ended by itself is an error: without it the service
+/// would go on with no health checks, metrics or dashboards, and say nothing.
+async fn serve(
+    server: actix_web::dev::Server,
+    shutdown: impl Future<Output = ()>,
+    drain: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let handle = server.handle();
+    let mut running = actix_web::rt::spawn(server);
+    let ended = tokio::select! {
+        () = shutdown => None,
+        ended = &mut running => Some(ended),
+    };
+    let Some(ended) = ended else {
+        let drained = drain.await;
         handle.stop(true).await;
-        let _ = server.await;
-        match drained {
-            Ok(Ok(())) => {
-                log::info!("drained; bye");
-                Ok(())
-            }
-            Ok(Err(err)) => bail!("the consumer stopped before draining: {err}"),
-            Err(_) => bail!(
-                "pending events were not all stored within SHUTDOWN_TIMEOUT ({:?}); \
-                 the broker will redeliver the rest",
-                self.shutdown_timeout
-            ),
+        match running.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => log::warn!("the HTTP server failed while stopping: {err}"),
+            Err(err) => log::warn!("the HTTP server failed while stopping: {err}"),
         }
+        return drained;
+    };
+    let why = match ended {
+        Ok(Ok(())) => "the HTTP server stopped by itself".to_owned(),
+        Ok(Err(err)) => format!("the HTTP server failed: {err}"),
+        Err(err) => format!("the HTTP server failed: {err}"),
+    };
+    log::warn!("{why}");
+    match drain.await {
+        Ok(()) => bail!("{why} (the pipeline was drained before exiting)"),
+        Err(err) => Err(err.context(why)),
+    }
+}
+
+/// Asks the consumer to drain, for at most `timeout`. Nothing is asked until
+/// this is awaited (`Addr::send` queues its message when called).
+async fn drain(consumer: Addr<Consumer>, timeout: Duration) -> anyhow::Result<()> {
+    log::info!("shutting down: draining (at most {timeout:?})");
+    match tokio::time::timeout(timeout, consumer.send(Shutdown)).await {
+        Ok(Ok(())) => {
+            log::info!("drained; bye");
+            Ok(())
+        }
+        Ok(Err(err)) => bail!("the consumer stopped before draining: {err}"),
+        Err(_) => bail!(
+            "pending events were not all stored within SHUTDOWN_TIMEOUT ({timeout:?}); \
+             the broker will redeliver the rest"
+        ),
     }
 }
 
@@ -134,5 +177,109 @@ impl std::fmt::Debug for Application {
         f.debug_struct("Application")
             .field("http_addr", &self.http_addr)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `serve`'s decisions, with real actix-web servers (a real failure
+    //! cannot be provoked in the `sluice` binary from outside: see
+    //! `a_server_that_fails_to_start_ends_the_run_after_draining`).
+
+    use std::cell::Cell;
+    use std::net::TcpListener;
+    use std::rc::Rc;
+
+    use actix_web::{App, HttpResponse, HttpServer};
+
+    use super::*;
+
+    /// Long enough for anything below; a run still going then is the bug.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    /// A drain that records that it ran, and ends with `outcome`.
+    fn drain_recorded(
+        ran: &Rc<Cell<bool>>,
+        outcome: anyhow::Result<()>,
+    ) -> impl Future<Output = anyhow::Result<()>> {
+        let ran = Rc::clone(ran);
+        async move {
+            ran.set(true);
+            outcome
+        }
+    }
+
+    fn local_listener() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").expect("bind a local port")
+    }
+
+    /// actix-server fails when a worker cannot build its services (as when a
+    /// thread or an epoll instance cannot be made: resource exhaustion, which
+    /// nothing outside the process can bring about at the one moment it
+    /// matters). Here the app's data cannot be built.
+    #[actix_web::test]
+    async fn a_server_that_fails_to_start_ends_the_run_after_draining() {
+        let server = HttpServer::new(|| {
+            App::new()
+                .data_factory(|| async { Err::<u32, _>("no data for this app") })
+                .route("/", web::get().to(HttpResponse::Ok))
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(local_listener())
+        .expect("listen")
+        .run();
+        let drained = Rc::new(Cell::new(false));
+        let run = serve(
+            server,
+            std::future::pending(),
+            drain_recorded(&drained, Ok(())),
+        );
+        let result = tokio::time::timeout(PATIENCE, run)
+            .await
+            .expect("the run ends when its HTTP server does");
+        let err = result.expect_err("a failed HTTP server is an error");
+        let message = format!("{err:#}");
+        assert!(message.starts_with("the HTTP server failed: "), "{message}");
+        assert!(message.contains("drained"), "{message}");
+        assert!(drained.get(), "the pipeline was drained first");
+    }
+
+    /// A server that stops while nobody asked the service to: the run ends
+    /// with an error, after draining; a drain that failed is told too.
+    #[actix_web::test]
+    async fn a_server_that_stops_by_itself_ends_the_run_after_draining() {
+        let server = HttpServer::new(|| App::new().route("/", web::get().to(HttpResponse::Ok)))
+            .workers(1)
+            .disable_signals()
+            .listen(local_listener())
+            .expect("listen")
+            .run();
+        let handle = server.handle();
+        actix_web::rt::spawn(async move { handle.stop(false).await });
+        let drained = Rc::new(Cell::new(false));
+        let run = serve(
+            server,
+            std::future::pending(),
+            drain_recorded(
+                &drained,
+                Err(anyhow::anyhow!(
+                    "pending events were not all stored within SHUTDOWN_TIMEOUT"
+                )),
+            ),
+        );
+        let result = tokio::time::timeout(PATIENCE, run)
+            .await
+            .expect("the run ends when its HTTP server does");
+        let message = format!(
+            "{:#}",
+            result.expect_err("a stopped HTTP server is an error")
+        );
+        assert_eq!(
+            message,
+            "the HTTP server stopped by itself: \
+             pending events were not all stored within SHUTDOWN_TIMEOUT"
+        );
+        assert!(drained.get(), "the pipeline was drained first");
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod browser;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -33,16 +34,41 @@ pub struct TestApp {
 
 /// Starts the service on `db` with extra settings, and waits until it consumes.
 pub async fn spawn_app_with(db: TestDb, extra: &[(&str, String)]) -> TestApp {
+    spawn_app_meanwhile(db, extra, async {}).await
+}
+
+/// [`spawn_app_with`], running `meanwhile` while the service starts (to
+/// bring up a server it is waiting for, say); returns once both are done.
+/// Fails the test, with the service's output, if the service exits instead.
+pub async fn spawn_app_meanwhile(
+    db: TestDb,
+    extra: &[(&str, String)],
+    meanwhile: impl Future<Output = ()>,
+) -> TestApp {
     let prefix = unique_prefix();
     let amqp_url = amqp::amqp_url();
     let topology = TopologyGuard::new(&amqp_url, &prefix);
     let mut env = vec![
-        ("DATABASE_URL", db.url()),
-        ("AMQP_PREFIX", prefix.clone()),
-        ("AMQP_URL", amqp_url.clone()),
+        ("DATABASE_URL".to_owned(), db.url()),
+        ("AMQP_PREFIX".to_owned(), prefix.clone()),
+        ("AMQP_URL".to_owned(), amqp_url.clone()),
     ];
-    env.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
-    let service = start(&env);
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+    // Waiting for the service blocks a thread: not the one `meanwhile` runs on.
+    let starting = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        start(&env)
+    });
+    let started = async {
+        match starting.await {
+            Ok(service) => service,
+            Err(failed) => match failed.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(failed) => panic!("starting sluice: {failed}"),
+            },
+        }
+    };
+    let (service, ()) = tokio::join!(started, meanwhile);
     let publisher = Publisher::connect(&amqp_url)
         .await
         .expect("publisher connects");
