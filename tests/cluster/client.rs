@@ -47,6 +47,16 @@ impl Collected {
     }
 }
 
+/// What one read came to.
+enum Read {
+    /// A frame that counts (events or `lagged`).
+    Frame,
+    /// Nothing in time.
+    Timeout,
+    /// The server went away.
+    Gone,
+}
+
 /// A session on `/ws`.
 pub struct LiveClient {
     framed: Framed<BoxedSocket, Codec>,
@@ -72,22 +82,30 @@ impl LiveClient {
         }
     }
 
-    /// Reads one meaningful frame (answering pings) into `got`; `false` at
-    /// `deadline`. Fails the test on a close or an unreadable frame.
-    async fn read_one(&mut self, deadline: Instant) -> bool {
+    /// Reads one meaningful frame (answering pings) into `got`. Fails the
+    /// test on an unreadable frame, or on a close unless `gone_is_fine`.
+    async fn read_one(&mut self, deadline: Instant, gone_is_fine: bool) -> Read {
         loop {
             let frame = match tokio::time::timeout_at(deadline, self.framed.next()).await {
-                Err(_) => return false,
+                Err(_) => return Read::Timeout,
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Frame::Close(_)))) if gone_is_fine => {
+                    return Read::Gone
+                }
                 Ok(None) => panic!("the server ended the session"),
                 Ok(Some(Err(e))) => panic!("reading /ws: {e}"),
                 Ok(Some(Ok(frame))) => frame,
             };
             match frame {
-                Frame::Ping(payload) => self
-                    .framed
-                    .send(Message::Pong(payload))
-                    .await
-                    .expect("pong"),
+                Frame::Ping(payload)
+                    if self
+                        .framed
+                        .send(Message::Pong(payload.clone()))
+                        .await
+                        .is_err() =>
+                {
+                    assert!(gone_is_fine, "the server ended the session");
+                    return Read::Gone;
+                }
                 Frame::Text(text) => {
                     let v: serde_json::Value = serde_json::from_slice(&text).expect("JSON frame");
                     match v["type"].as_str() {
@@ -107,12 +125,32 @@ impl LiveClient {
                         }
                         _ => {} // other notices (e.g. freshness) do not count here
                     }
-                    return true;
+                    return Read::Frame;
                 }
                 Frame::Close(reason) => panic!("the server closed the session: {reason:?}"),
                 _ => {}
             }
         }
+    }
+
+    /// Reads until received + missed reaches `total`, or until the server
+    /// goes away (its instance was killed): `false` then. Fails if it passes
+    /// `total`, or if that takes longer than [`CLIENT_WAIT`].
+    pub async fn read_until_accounted_or_gone(&mut self, total: u64) -> bool {
+        let deadline = Instant::now() + CLIENT_WAIT;
+        while self.got.accounted() < total {
+            match self.read_one(deadline, true).await {
+                Read::Frame => {}
+                Read::Gone => return false,
+                Read::Timeout => panic!(
+                    "after {CLIENT_WAIT:?}: {} received + {} missed of {total}",
+                    self.got.events.len(),
+                    self.got.missed
+                ),
+            }
+        }
+        assert_eq!(self.got.accounted(), total, "more than happened");
+        true
     }
 
     /// Reads until received + missed reaches `total` (failing if it passes
@@ -121,7 +159,7 @@ impl LiveClient {
         let deadline = Instant::now() + CLIENT_WAIT;
         while self.got.accounted() < total {
             assert!(
-                self.read_one(deadline).await,
+                matches!(self.read_one(deadline, false).await, Read::Frame),
                 "after {CLIENT_WAIT:?}: {} received + {} missed of {total}",
                 self.got.events.len(),
                 self.got.missed
@@ -135,11 +173,21 @@ impl LiveClient {
         let deadline = Instant::now() + CLIENT_WAIT;
         while self.got.events.len() < n {
             assert!(
-                self.read_one(deadline).await,
+                matches!(self.read_one(deadline, false).await, Read::Frame),
                 "after {CLIENT_WAIT:?}: {} received of {n}",
                 self.got.events.len()
             );
         }
+    }
+
+    /// Opens a new session on `addr` after the last position this one
+    /// received (`?since=`), keeping what it read: a dashboard whose
+    /// instance went away, coming back elsewhere.
+    pub async fn resume_on(self, addr: std::net::SocketAddr) -> LiveClient {
+        let since = self.got.last_position().unwrap_or(0);
+        let mut resumed = LiveClient::connect(addr, &format!("?since={since}")).await;
+        resumed.got = self.got;
+        resumed
     }
 
     /// Closes the session (normal closure).

@@ -6,38 +6,8 @@
 
 use std::collections::HashSet;
 
-use sluice_testkit::fresh_database;
-
 use crate::client::{Collected, LiveClient};
 use crate::helpers::*;
-
-/// Starts 3 instances with the stream feed and waits until each reads it.
-async fn stream_cluster(extra: &[(&str, &str)]) -> Cluster {
-    let mut env = vec![
-        ("LIVE_FEED", "stream".to_owned()),
-        ("WS_BUFFER", "8192".to_owned()),
-        // These tests are about every event in one order across instances,
-        // not freshness (`tests/live` freshness has that): a CI machine that
-        // stalls three instances for over 2 s must not turn into told misses.
-        ("WS_MAX_LAG", "60s".to_owned()),
-    ];
-    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
-    let cluster = Cluster::start(fresh_database().await, INSTANCES, &env).await;
-    for node in &cluster.nodes {
-        node.wait_for_log("live feed reader: connected", PATIENCE);
-    }
-    cluster
-}
-
-/// Every received id is one of `<tag>-0..n`, none twice; returns the set.
-fn distinct_ids(tag: &str, got: &Collected) -> HashSet<String> {
-    let mut seen = HashSet::new();
-    for id in got.ids() {
-        assert!(id.starts_with(&format!("{tag}-")), "a stranger: {id}");
-        assert!(seen.insert(id.clone()), "{id} received twice");
-    }
-    seen
-}
 
 #[actix_web::test]
 async fn a_client_on_each_instance_sees_every_event_of_all_in_one_order() {
@@ -208,21 +178,4 @@ async fn copies_an_instance_drops_are_told_to_every_client() {
     assert_eq!(orders[0], orders[2]);
     cluster.stop_all();
     cluster.cleanup().await;
-}
-
-/// Starts each client reading until `total` events are accounted for, on a
-/// task of its own, so that every client reads while the events flow.
-fn read_while_publishing(
-    clients: Vec<LiveClient>,
-    total: u64,
-) -> Vec<actix_web::rt::task::JoinHandle<LiveClient>> {
-    clients
-        .into_iter()
-        .map(|mut client| {
-            actix_web::rt::spawn(async move {
-                client.read_until_accounted(total).await;
-                client
-            })
-        })
-        .collect()
 }
