@@ -124,6 +124,10 @@ pub struct SubscribeFrom {
     pub subscribe: Subscribe,
     /// Where the client's stream starts.
     pub since: Since,
+    /// With the stream feed, a replay (`Since::After`) of more events than
+    /// this is read from the stream at the client's pace instead of handed
+    /// over at once (the observer's buffer would only trim it).
+    pub max_replay: usize,
 }
 
 /// The Observable's answer to [`SubscribeFrom`].
@@ -336,6 +340,11 @@ impl Handler<SubscribeFrom> for Observable {
         let replay = self
             .history
             .replay(msg.since, msg.subscribe.pattern.as_ref());
+        let sparse = self.positions() == Positions::Sparse;
+        if sparse && matches!(msg.since, Since::After(_)) && replay.events.len() > msg.max_replay {
+            // More than the client can take at once: from the stream, at its pace.
+            return Resumed::FromStream;
+        }
         self.registry.subscribe(msg.subscribe);
         if let Since::After(position) = msg.since {
             if self.positions() == Positions::Sparse && position > self.history.head() {

@@ -298,6 +298,7 @@ fn positions(deliver: &Deliver) -> Vec<u64> {
 
 fn subscribe_from(id: u64, addr: Recipient<Deliver>, since: Since) -> SubscribeFrom {
     SubscribeFrom {
+        max_replay: usize::MAX,
         subscribe: Subscribe {
             id: ObserverId(id),
             addr,
@@ -553,10 +554,18 @@ async fn a_resume_from_before_the_ring_is_sent_to_the_stream() {
         "not subscribed"
     );
     let resumed = observable
-        .send(subscribe_from(1, addr.recipient(), Since::After(30_001)))
+        .send(subscribe_from(1, addr.clone().recipient(), Since::After(30_001)))
         .await
         .expect("alive");
     assert_eq!(resumed, Resumed::Subscribed, "inside the ring");
+    // Inside the ring, but more than the client can take at once.
+    let mut large = subscribe_from(2, addr.clone().recipient(), Since::After(20_001));
+    large.max_replay = 1;
+    assert_eq!(
+        observable.send(large).await.expect("alive"),
+        Resumed::FromStream,
+        "read at the client's pace"
+    );
 }
 
 #[actix::test]

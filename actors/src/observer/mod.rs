@@ -364,7 +364,11 @@ impl Observer {
                 self.observable.send(subscribe),
                 |r| r.map(|()| Resumed::Subscribed),
             )),
-            Some(since) => Box::pin(self.observable.send(SubscribeFrom { subscribe, since })),
+            Some(since) => Box::pin(self.observable.send(SubscribeFrom {
+                subscribe,
+                since,
+                max_replay: self.settings.buffer,
+            })),
         };
         ctx.spawn(
             fut::wrap_future(request).map(move |result, act: &mut Observer, ctx| {
