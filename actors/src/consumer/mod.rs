@@ -229,18 +229,22 @@ impl Consumer {
     /// Records settlements of the current generation and hands the acker
     /// the new ackable tag, if the watermark moved past one.
     fn record(&mut self, generation: u64, settled: &[(u64, Settled)]) {
-        let Some(link) = self.link.as_ref().filter(|l| l.generation == generation) else {
+        let Some(window) = self
+            .link
+            .as_ref()
+            .filter(|l| l.generation == generation)
+            .map(|l| l.window.clone())
+        else {
             return;
         };
         let before = self.settlement.watermark();
         for (tag, how) in settled {
             self.settlement.settle(*tag, *how);
         }
-        link.window
+        window
             .settled
             .store(self.settlement.settled_count(), Ordering::Relaxed);
-        let unacked = link.window.in_flight();
-        let _ = link;
+        let unacked = window.in_flight();
         if self.settlement.watermark() > before || unacked == 0 {
             self.last_progress = Instant::now();
         }

@@ -321,8 +321,9 @@ impl Batcher {
                 incoming = rx.recv(), if !closed => match incoming {
                     Some(outgoing) => self.gather(outgoing, rx),
                     None => {
+                        // Everything gathered goes out, and a jump owed too.
                         closed = true;
-                        self.seal();
+                        self.seal_marker();
                     }
                 },
                 () = tokio::time::sleep(MARKER_AFTER), if self.owe_marker && !closed => self.seal_marker(),
@@ -407,10 +408,11 @@ impl Batcher {
     fn cover(&mut self, through: Option<DeliveryRef>) {
         if !self.gathering.events.is_empty() {
             self.gathering.through = self.gathering.through.max(through);
+        } else if self.owe_marker {
+            // After copies that were skipped: done once readers see the jump.
+            self.skipped_through = self.skipped_through.max(through);
         } else if let Some(last) = self.unconfirmed.back_mut() {
             last.through = last.through.max(through);
-        } else if self.owe_marker {
-            self.skipped_through = self.skipped_through.max(through);
         } else if through.is_some() {
             self.done.send_if_modified(|done| {
                 let moved = through > *done;
@@ -516,4 +518,129 @@ pub(crate) fn backoff(settings: &FeedSettings) -> impl Iterator<Item = Duration>
         .without_max_times()
         .with_jitter()
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live_event::tests::event;
+
+    fn batcher() -> (Batcher, watch::Receiver<Option<DeliveryRef>>) {
+        let (done, rx) = watch::channel(None);
+        let settings = FeedSettings {
+            amqp_url: String::new(),
+            tls: crate::tls::BrokerTls::default(),
+            stream: "s.live".into(),
+            max_age: Duration::from_secs(60),
+            max_bytes: 1 << 20,
+            max_unconfirmed: 16,
+            origin: "test/1-1".into(),
+            prefetch: 10,
+            reconnect_min: Duration::from_millis(1),
+            reconnect_max: Duration::from_millis(1),
+        };
+        (Batcher::new(settings, done), rx)
+    }
+
+    fn delivery(tag: u64) -> Option<DeliveryRef> {
+        Some(DeliveryRef { channel: 1, tag })
+    }
+
+    fn copies(first_seq: u64, n: u64, through: u64) -> Outgoing {
+        Outgoing::Copies {
+            first_seq,
+            events: (first_seq..first_seq + n).map(|i| event("k", i)).collect(),
+            through: delivery(through),
+            permit: None,
+        }
+    }
+
+    fn batches(b: &Batcher) -> Vec<(u64, u64, Option<DeliveryRef>)> {
+        b.unconfirmed
+            .iter()
+            .map(|batch| (batch.first_seq, batch.count, batch.through))
+            .collect()
+    }
+
+    #[test]
+    fn waiting_chunks_go_out_as_one_batch_split_at_the_bound() {
+        let (mut b, _) = batcher();
+        b.take(copies(1, 3, 3));
+        b.take(copies(4, wire::MAX_ENTRIES as u64, 9));
+        b.seal();
+        // The first batch covers the first chunk's deliveries only: the
+        // second chunk's are done with the batch holding its last copy.
+        assert_eq!(
+            batches(&b),
+            [
+                (1, wire::MAX_ENTRIES as u64, delivery(3)),
+                (wire::MAX_ENTRIES as u64 + 1, 3, delivery(9))
+            ]
+        );
+    }
+
+    #[test]
+    fn the_gate_moves_as_batches_are_confirmed_in_order() {
+        let (mut b, done) = batcher();
+        b.take(copies(1, 2, 5));
+        b.seal();
+        b.take(copies(3, 1, 8));
+        b.seal();
+        b.published = 2;
+        b.confirmed();
+        assert_eq!(*done.borrow(), delivery(5));
+        b.confirmed();
+        assert_eq!(*done.borrow(), delivery(8));
+        // Deliveries with no copy (dead letters) while nothing is pending:
+        // done at once.
+        b.take(Outgoing::Copies {
+            first_seq: 4,
+            events: Arc::new([]),
+            through: delivery(11),
+            permit: None,
+        });
+        assert_eq!(*done.borrow(), delivery(11));
+    }
+
+    #[test]
+    fn skipped_copies_are_done_only_with_the_jump_readers_will_see() {
+        let (mut b, done) = batcher();
+        b.take(copies(1, 2, 2));
+        b.seal();
+        // Copies 3..=5 were dropped on the way; they covered up to delivery 7.
+        b.take(Outgoing::Skipped {
+            up_to: 5,
+            through: delivery(7),
+        });
+        // A chunk of dead letters only, after them.
+        b.take(Outgoing::Copies {
+            first_seq: 6,
+            events: Arc::new([]),
+            through: delivery(9),
+            permit: None,
+        });
+        b.published = 1;
+        b.confirmed();
+        assert_eq!(*done.borrow(), delivery(2), "not past the skipped ones yet");
+        // Nothing else comes: a marker says "numbered up to 5".
+        b.seal_marker();
+        assert_eq!(batches(&b), [(6, 0, delivery(9))]);
+        b.published = 1;
+        b.confirmed();
+        assert_eq!(*done.borrow(), delivery(9));
+    }
+
+    #[test]
+    fn a_batch_after_a_skip_starts_after_the_jump_and_carries_it() {
+        let (mut b, _) = batcher();
+        b.take(copies(1, 1, 1));
+        b.take(Outgoing::Skipped {
+            up_to: 4,
+            through: delivery(4),
+        });
+        b.take(copies(5, 2, 6));
+        b.seal();
+        assert_eq!(batches(&b), [(1, 1, delivery(1)), (5, 2, delivery(6))]);
+        assert!(!b.owe_marker, "the batch after the jump tells it");
+    }
 }

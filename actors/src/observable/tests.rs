@@ -554,7 +554,11 @@ async fn a_resume_from_before_the_ring_is_sent_to_the_stream() {
         "not subscribed"
     );
     let resumed = observable
-        .send(subscribe_from(1, addr.clone().recipient(), Since::After(30_001)))
+        .send(subscribe_from(
+            1,
+            addr.clone().recipient(),
+            Since::After(30_001),
+        ))
         .await
         .expect("alive");
     assert_eq!(resumed, Resumed::Subscribed, "inside the ring");
