@@ -24,7 +24,7 @@ use sluice_actors::observable::Observable;
 use sluice_actors::queue::{Queue, QueueSettings};
 use sluice_actors::store::{PgStore, Store};
 use sluice_actors::tap::Tap;
-use sluice_actors::writer::{RetrySettings, Writer};
+use sluice_actors::writer::{RetrySettings, WriteHold, Writer};
 
 use crate::config::{Config, LiveFeedArg};
 use crate::database::DatabaseTarget;
@@ -166,7 +166,7 @@ impl Application {
         let broker = BrokerStatus::default();
         let consumer_settings = ConsumerSettings {
             amqp_url: config.amqp_url.clone(),
-            tls: broker_tls,
+            tls: broker_tls.clone(),
             topology: Topology::new(&config.amqp_prefix),
             prefetch: config.amqp_prefetch,
             quorum: config.amqp_quorum,
@@ -187,6 +187,7 @@ impl Application {
             })
         };
 
+        let writes_held = WriteHold::default();
         for id in 0..writers {
             Writer::new(
                 id,
@@ -195,6 +196,7 @@ impl Application {
                 consumer.clone().recipient(),
                 RetrySettings::default(),
             )
+            .with_hold(writes_held.clone())
             .start();
         }
 
@@ -204,7 +206,14 @@ impl Application {
         let readiness = web::Data::new(routes::health::Readiness {
             broker: broker.clone(),
             pool: pool.clone(),
+            writes: writes_held,
         });
+        let dead_letters = web::Data::new(routes::dead_letters::DeadLetterDesk::new(
+            config.amqp_url.clone(),
+            broker_tls,
+            &config.amqp_prefix,
+            config.auth_token.clone(),
+        ));
         let metrics = web::Data::new(metrics);
         let send_buffer = config.ws_window_bytes as usize;
         let server = HttpServer::new(move || {
@@ -217,6 +226,15 @@ impl Application {
                 .route("/readyz", web::get().to(routes::health::readyz))
                 .route("/metrics", web::get().to(routes::metrics::metrics))
                 .route("/api/stats", web::get().to(routes::stats::stats))
+                .app_data(dead_letters.clone())
+                .route(
+                    "/api/dead-letters",
+                    web::get().to(routes::dead_letters::list),
+                )
+                .route(
+                    "/api/dead-letters/replay",
+                    web::post().to(routes::dead_letters::replay_route),
+                )
                 .route("/", web::get().to(routes::dashboard::index))
                 .route("/static/{file:.*}", web::get().to(routes::dashboard::asset))
         })
