@@ -29,7 +29,6 @@
 //! exchange, confirmed, then acked), where a later replay with a higher limit
 //! or a discard finds them.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -43,6 +42,7 @@ use serde::Serialize;
 use sluice_actors::consumer::Topology;
 use sluice_actors::event::headers;
 use sluice_actors::internal_events::dead_letters::{LettersDiscarded, LettersReplayed};
+use tokio::sync::mpsc;
 
 use super::scan::{read_in_place, replays, MAX_SCAN};
 use super::{depth, exchange_exists, Bucket, DeadLetterError};
@@ -132,7 +132,7 @@ pub async fn replay(
         return dry_run(connection, topology, bucket, present, options).await;
     }
     exchange_exists(connection, topology, &topology.sorted_dlx).await?;
-    let mut mover = Mover::open(connection, topology, &queue).await?;
+    let mut mover = Mover::open(connection, &queue).await?;
     let outcome = mover
         .replay(connection, topology, &queue, present, options)
         .await;
@@ -169,7 +169,7 @@ pub async fn discard(
     let queue = bucket.queue(topology);
     let present = depth(connection, topology, &queue).await?;
     let to_take = limit.map_or(u64::from(present), |l| l.min(u64::from(present)));
-    let mut mover = Mover::open(connection, topology, &queue).await?;
+    let mut mover = Mover::open(connection, &queue).await?;
     let outcome = mover.discard(connection, topology, &queue, to_take).await;
     mover.close().await;
     LettersDiscarded {
@@ -225,6 +225,13 @@ struct InFlight {
     skipped: bool,
 }
 
+/// Letters settled (acked after their copy was confirmed).
+#[derive(Debug, Default, Clone, Copy)]
+struct Settled {
+    replayed: u64,
+    skipped: u64,
+}
+
 /// Reads one dead-letter queue (manual acks) and publishes (confirms).
 struct Mover {
     /// Consumes the dead-letter queue; closing it hands back what was not acked.
@@ -232,20 +239,13 @@ struct Mover {
     /// Publishes copies, in confirm mode.
     sink: Channel,
     consumer: lapin::Consumer,
-    /// The names, for errors.
-    topology: Topology,
-    in_flight: VecDeque<InFlight>,
     replayed: u64,
     skipped: u64,
     discarded: u64,
 }
 
 impl Mover {
-    async fn open(
-        connection: &Connection,
-        topology: &Topology,
-        queue: &str,
-    ) -> Result<Mover, DeadLetterError> {
+    async fn open(connection: &Connection, queue: &str) -> Result<Mover, DeadLetterError> {
         let failed = |e: lapin::Error| DeadLetterError::Failed(format!("cannot read {queue}: {e}"));
         let source = connection.create_channel().await.map_err(failed)?;
         source
@@ -271,14 +271,15 @@ impl Mover {
             source,
             sink,
             consumer,
-            topology: topology.clone(),
-            in_flight: VecDeque::new(),
             replayed: 0,
             skipped: 0,
             discarded: 0,
         })
     }
 
+    /// Reads and publishes; a second future acks each letter as soon as its
+    /// copy is confirmed, in order, so a kill leaves at most the copies in
+    /// flight (a few, at most [`WINDOW`]) both stored and still dead.
     async fn replay(
         &mut self,
         connection: &Connection,
@@ -287,69 +288,76 @@ impl Mover {
         present: u32,
         options: &ReplayOptions,
     ) -> Result<(), String> {
-        let (mut read, mut sent, mut idle_checks) = (0u64, 0u64, 0u32);
-        let started = Instant::now();
-        loop {
-            if read >= u64::from(present) || options.limit.is_some_and(|limit| sent >= limit) {
-                break;
-            }
-            let delivery = match tokio::time::timeout(IDLE, self.consumer.next()).await {
-                Ok(Some(Ok(delivery))) => delivery,
-                Ok(Some(Err(e))) => return Err(format!("reading {queue} failed: {e}")),
-                Ok(None) => break,
-                Err(_) => {
-                    self.settle_all().await?;
-                    if !still_held(connection, topology, queue, &mut idle_checks).await? {
+        let (to_settle, in_flight) = mpsc::channel::<InFlight>(usize::from(WINDOW));
+        let settle = settle_in_order(self.source.clone(), in_flight, topology);
+        let consumer = &mut self.consumer;
+        let sink = &self.sink;
+        let produce = async move {
+            let (mut read, mut sent, mut idle_checks) = (0u64, 0u64, 0u32);
+            let started = Instant::now();
+            while read < u64::from(present) && options.limit.is_none_or(|limit| sent < limit) {
+                let delivery = match tokio::time::timeout(IDLE, consumer.next()).await {
+                    Ok(Some(Ok(delivery))) => delivery,
+                    Ok(Some(Err(e))) => return Err(format!("reading {queue} failed: {e}")),
+                    Ok(None) => break,
+                    Err(_) => {
+                        if still_held(connection, topology, queue, &mut idle_checks).await? {
+                            continue;
+                        }
                         break;
                     }
-                    continue;
+                };
+                idle_checks = 0;
+                read += 1;
+                let count = replays(&delivery.properties);
+                let skipped = count >= options.max_replays;
+                let (exchange, properties) = if skipped {
+                    // Unchanged, to the back of its queue (routed on its reason).
+                    (&topology.sorted_dlx, delivery.properties.clone())
+                } else {
+                    if let Some(rate) = options.rate {
+                        let due = started + Duration::from_secs_f64(sent as f64 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    sent += 1;
+                    let mut table = delivery.properties.headers().clone().unwrap_or_default();
+                    let next = i64::try_from(count + 1).unwrap_or(i64::MAX);
+                    table.insert(headers::REPLAYS.into(), AMQPValue::LongLongInt(next));
+                    (
+                        &topology.replay,
+                        delivery.properties.clone().with_headers(table),
+                    )
+                };
+                let confirm = sink
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        delivery.routing_key.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &delivery.data,
+                        properties,
+                    )
+                    .await
+                    .map_err(|e| format!("publishing to {exchange} failed: {e}"))?;
+                let item = InFlight {
+                    tag: delivery.delivery_tag,
+                    confirm,
+                    skipped,
+                };
+                // Waits while WINDOW copies await their confirm; fails only
+                // if the settling stopped (its error is the one reported).
+                if to_settle.send(item).await.is_err() {
+                    break;
                 }
-            };
-            idle_checks = 0;
-            read += 1;
-            let count = replays(&delivery.properties);
-            let skipped = count >= options.max_replays;
-            let (exchange, properties) = if skipped {
-                // Unchanged, to the back of its queue (routed on its reason).
-                (&topology.sorted_dlx, delivery.properties.clone())
-            } else {
-                if let Some(rate) = options.rate {
-                    let due = started + Duration::from_secs_f64(sent as f64 / rate);
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                sent += 1;
-                let mut table = delivery.properties.headers().clone().unwrap_or_default();
-                let next = i64::try_from(count + 1).unwrap_or(i64::MAX);
-                table.insert(headers::REPLAYS.into(), AMQPValue::LongLongInt(next));
-                (
-                    &topology.replay,
-                    delivery.properties.clone().with_headers(table),
-                )
-            };
-            let confirm = self
-                .sink
-                .basic_publish(
-                    exchange.as_str().into(),
-                    delivery.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &delivery.data,
-                    properties,
-                )
-                .await
-                .map_err(|e| format!("publishing to {exchange} failed: {e}"))?;
-            self.in_flight.push_back(InFlight {
-                tag: delivery.delivery_tag,
-                confirm,
-                skipped,
-            });
-            while self.in_flight.len() >= usize::from(WINDOW) {
-                self.settle_front().await?;
             }
-        }
-        self.settle_all().await
+            Ok(())
+        };
+        let (produced, (settled, outcome)) = tokio::join!(produce, settle);
+        self.replayed = settled.replayed;
+        self.skipped = settled.skipped;
+        outcome.and(produced)
     }
 
     async fn discard(
@@ -393,51 +401,52 @@ impl Mover {
             .map_err(|e| format!("acking discarded letters failed: {e}"))
     }
 
-    /// Waits for the oldest copy's confirm, then acks its letter.
-    async fn settle_front(&mut self) -> Result<(), String> {
-        let Some(front) = self.in_flight.pop_front() else {
-            return Ok(());
-        };
-        match front.confirm.await {
-            Ok(Confirmation::Ack(None)) => {}
-            Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_))) => {
-                let t = &self.topology;
-                return Err(format!(
-                    "no queue took a copy: is {} bound to {} (and {} to its queues)?",
-                    t.replay, t.ingest, t.sorted_dlx
-                ));
-            }
-            Ok(_) => return Err("the broker refused a copy (nack)".to_owned()),
-            Err(e) => return Err(format!("the broker did not confirm a copy: {e}")),
-        }
-        self.source
-            .basic_ack(front.tag, BasicAckOptions::default())
-            .await
-            .map_err(|e| format!("acking a replayed letter failed: {e}"))?;
-        if front.skipped {
-            self.skipped += 1;
-        } else {
-            self.replayed += 1;
-            if self.replayed % PROGRESS_EVERY == 0 {
-                log::info!("replayed {} letters so far", self.replayed);
-            }
-        }
-        Ok(())
-    }
-
-    async fn settle_all(&mut self) -> Result<(), String> {
-        while !self.in_flight.is_empty() {
-            self.settle_front().await?;
-        }
-        Ok(())
-    }
-
     /// Closes both channels: what was delivered and not acked (letters read
     /// ahead, or whose copy was not confirmed) goes back to the queue.
     async fn close(&mut self) {
         let _ = self.source.close(200, "done".into()).await;
         let _ = self.sink.close(200, "done".into()).await;
     }
+}
+
+/// Awaits each copy's confirm in publish order and, once confirmed, acks
+/// its letter on `source`. Stops at the first copy not confirmed (its
+/// letter and every later one stay unacked, so still dead).
+async fn settle_in_order(
+    source: Channel,
+    mut in_flight: mpsc::Receiver<InFlight>,
+    topology: &Topology,
+) -> (Settled, Result<(), String>) {
+    let mut settled = Settled::default();
+    while let Some(copy) = in_flight.recv().await {
+        let outcome = match copy.confirm.await {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_))) => Err(format!(
+                "no queue took a copy: is {} bound to {} (and {} to its queues)?",
+                topology.replay, topology.ingest, topology.sorted_dlx
+            )),
+            Ok(_) => Err("the broker refused a copy (nack)".to_owned()),
+            Err(e) => Err(format!("the broker did not confirm a copy: {e}")),
+        };
+        if let Err(why) = outcome {
+            return (settled, Err(why));
+        }
+        if let Err(e) = source.basic_ack(copy.tag, BasicAckOptions::default()).await {
+            return (
+                settled,
+                Err(format!("acking a replayed letter failed: {e}")),
+            );
+        }
+        if copy.skipped {
+            settled.skipped += 1;
+        } else {
+            settled.replayed += 1;
+            if settled.replayed % PROGRESS_EVERY == 0 {
+                log::info!("replayed {} letters so far", settled.replayed);
+            }
+        }
+    }
+    (settled, Ok(()))
 }
 
 /// After an idle wait: whether the queue still holds letters for us. Letters
