@@ -263,21 +263,35 @@ impl Role {
 impl Drop for Role {
     fn drop(&mut self) {
         let (url, name) = (self.admin_url.clone(), self.name.clone());
+        // What it owns in the test database (if that is still there), then
+        // the role itself, from the `postgres` database.
+        let (base, query) = url
+            .split_once('?')
+            .map_or((url.as_str(), ""), |(b, q)| (b, q));
+        let postgres = match base.rsplit_once('/') {
+            Some((server, _)) if query.is_empty() => format!("{server}/postgres"),
+            Some((server, _)) => format!("{server}/postgres?{query}"),
+            None => url.clone(),
+        };
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("a runtime");
             runtime.block_on(async {
-                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .expect("connect to drop the role");
-                tokio::spawn(connection);
-                if let Err(e) = client
-                    .batch_execute(&format!("DROP OWNED BY {name}; DROP ROLE {name}"))
-                    .await
-                {
-                    eprintln!("could not drop role {name}: {e}");
+                for (url, sql) in [
+                    (url, format!("DROP OWNED BY {name}")),
+                    (postgres, format!("DROP ROLE {name}")),
+                ] {
+                    match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                        Ok((client, connection)) => {
+                            tokio::spawn(connection);
+                            if let Err(e) = client.batch_execute(&sql).await {
+                                eprintln!("{sql}: {e}");
+                            }
+                        }
+                        Err(e) => eprintln!("{sql}: cannot connect: {e}"),
+                    }
                 }
             });
         });
@@ -315,8 +329,8 @@ async fn insert_revoked_under_a_running_sluice_holds_writes_until_it_is_granted_
     wait_ready(&app).await;
     assert_eq!(app.dead_ready().await, 0);
     assert_eq!(app.terminate(), Some(0));
-    app.cleanup().await;
     drop(role);
+    app.cleanup().await;
 }
 
 #[actix_web::test]
