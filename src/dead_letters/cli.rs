@@ -209,8 +209,11 @@ fn print_summary(
         "{} dead letter(s) held (AMQP_PREFIX={}):",
         summary.total, topology.exchange
     )?;
-    for (reason, count) in &summary.by_reason {
-        writeln!(out, "  {reason:<22} {count:>10}")?;
+    // In the order operators know them (each reason, then `unsorted`).
+    for bucket in Bucket::all() {
+        if let Some(count) = summary.by_reason.get(bucket.name()) {
+            writeln!(out, "  {:<22} {count:>10}", bucket.name())?;
+        }
     }
     if summary.letters.is_empty() {
         return Ok(());
