@@ -169,17 +169,18 @@ impl TestApp {
 }
 
 /// A service that sheds a burst: its database answers 30 ms late (through
-/// `proxy`), one writer takes batches of 10, the Queue holds 20 and drops
-/// the oldest. Set the proxy's latency to zero to end the overload.
+/// `proxy`), one writer takes batches of 50, the Queue holds 100 of the 300
+/// deliveries in flight and drops the oldest. Set the proxy's latency to
+/// zero to end the overload.
 pub async fn shedding_app() -> (TestApp, Proxy) {
     let db = fresh_database().await;
     let proxy = Proxy::start(db.server_addr()).expect("proxy starts");
     let env = vec![
         ("DATABASE_URL", db.url_via(proxy.addr())),
         ("WRITERS", "1".into()),
-        ("MAX_BATCH", "10".into()),
+        ("MAX_BATCH", "50".into()),
         ("AMQP_PREFETCH", "300".into()),
-        ("QUEUE_CAPACITY", "20".into()),
+        ("QUEUE_CAPACITY", "100".into()),
         ("QUEUE_ON_FULL", "drop-oldest".into()),
     ];
     let app = spawn_app_with(db, &env).await;
