@@ -123,40 +123,43 @@ pub async fn run(config: &Config, args: &DeadLettersArgs) -> anyhow::Result<()> 
     let tls = config.broker_tls()?;
     let connection = connect(&config.amqp_url, &tls, "sluice dead-letters").await?;
     let topology = Topology::new(&config.amqp_prefix);
-    let result = act(&connection, &topology, bucket, &args.action).await;
+    let buckets = bucket.map_or_else(Bucket::all, |b| vec![b]);
+    let result = act(&connection, &topology, &buckets, &args.action).await;
     // Letters still held by this connection (none, unless it failed) go back now.
     sluice_actors::tls::close_broker(&connection, "done").await;
     result
 }
 
+/// Does `action` on `buckets` (one for replay and discard).
 async fn act(
     connection: &lapin::Connection,
     topology: &Topology,
-    bucket: Option<Bucket>,
+    buckets: &[Bucket],
     action: &Action,
 ) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    match (action, bucket) {
-        (Action::List(list), bucket) => {
-            let buckets = bucket.map_or_else(Bucket::all, |b| vec![b]);
-            let summary = summarize(connection, topology, &buckets, list.limit, list.scan).await?;
+    match action {
+        Action::List(list) => {
+            let summary = summarize(connection, topology, buckets, list.limit, list.scan).await?;
             if list.json {
                 writeln!(out, "{}", serde_json::to_string(&summary)?)?;
             } else {
                 print_summary(&mut out, topology, &summary)?;
             }
         }
-        (Action::Replay(args), Some(bucket)) => {
-            let options = ReplayOptions {
-                limit: args.limit,
-                max_replays: args.max_replays,
-                rate: args.rate,
-                dry_run: args.dry_run,
-            };
-            let report = replay(connection, topology, bucket, &options).await?;
-            if args.json {
-                writeln!(out, "{}", serde_json::to_string(&report)?)?;
-            } else {
+        Action::Replay(args) => {
+            for bucket in buckets {
+                let options = ReplayOptions {
+                    limit: args.limit,
+                    max_replays: args.max_replays,
+                    rate: args.rate,
+                    dry_run: args.dry_run,
+                };
+                let report = replay(connection, topology, *bucket, &options).await?;
+                if args.json {
+                    writeln!(out, "{}", serde_json::to_string(&report)?)?;
+                    continue;
+                }
                 let verb = if report.dry_run {
                     "would replay"
                 } else {
@@ -176,11 +179,13 @@ async fn act(
                 )?;
             }
         }
-        (Action::Discard(args), Some(bucket)) => {
-            let report = discard(connection, topology, bucket, args.limit).await?;
-            if args.json {
-                writeln!(out, "{}", serde_json::to_string(&report)?)?;
-            } else {
+        Action::Discard(args) => {
+            for bucket in buckets {
+                let report = discard(connection, topology, *bucket, args.limit).await?;
+                if args.json {
+                    writeln!(out, "{}", serde_json::to_string(&report)?)?;
+                    continue;
+                }
                 writeln!(
                     out,
                     "discarded {} {} letter(s); {} left in {}",
@@ -190,9 +195,6 @@ async fn act(
                     bucket.queue(topology)
                 )?;
             }
-        }
-        (Action::Replay(_) | Action::Discard(_), None) => {
-            unreachable!("replay and discard always name a reason")
         }
     }
     out.flush().context("writing to stdout")?;

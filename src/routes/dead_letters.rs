@@ -38,7 +38,6 @@ const SCAN: u32 = 10_000;
 
 /// The dead-letter endpoints' state: the broker settings, one broker
 /// connection made on first use (and again after it broke), the counts cache.
-#[derive(Debug)]
 pub struct DeadLetterDesk {
     amqp_url: String,
     tls: BrokerTls,
@@ -49,6 +48,17 @@ pub struct DeadLetterDesk {
     counts: Mutex<Option<(Instant, Counts)>>,
     /// Held while letters are read, so one scan runs at a time.
     scanning: Mutex<()>,
+}
+
+impl std::fmt::Debug for DeadLetterDesk {
+    // By hand: the URL holds a password and the token is a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetterDesk")
+            .field("amqp_url", &sluice_actors::redact::redact(&self.amqp_url))
+            .field("prefix", &self.topology.exchange)
+            .field("replay_enabled", &self.auth_token.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl DeadLetterDesk {
