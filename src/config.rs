@@ -61,6 +61,14 @@ pub struct Config {
     )]
     pub database_url: String,
 
+    /// At start, how long to keep trying a database that is not up yet
+    /// (connection refused or cut, server starting up, no free connection
+    /// slot) before exiting 1; `0s` tries once. A database that answers
+    /// with a lasting refusal (no such database, bad password, certificate
+    /// not trusted) stops start-up at once.
+    #[arg(long, env = "DATABASE_START_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub database_start_timeout: Duration,
+
     /// Address the HTTP server (dashboard, /ws, /metrics, health) listens on.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
@@ -526,6 +534,7 @@ mod tests {
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(c.queue_dedupe, Dedupe::Off);
         assert_eq!(c.batching(), Batching::Adaptive);
+        assert_eq!(c.database_start_timeout, Duration::from_secs(60));
     }
 
     #[test]

@@ -270,6 +270,30 @@ impl DatabaseTarget {
         )
     }
 
+    /// Whether waiting may fix `error`, a failure to connect: the server
+    /// is not up yet (the connection refused, cut or timed out; PostgreSQL
+    /// starting up, shutting down or in recovery; no connection slot free).
+    /// Not so a certificate refused, nor any other answer of the server (no
+    /// such database, a password refused): the setting needs fixing.
+    pub fn waiting_may_fix(error: &(dyn std::error::Error + 'static)) -> bool {
+        use tokio_postgres::error::{DbError, SqlState};
+        if Self::is_certificate_error(error) {
+            return false;
+        }
+        let refusal = std::iter::successors(Some(error), |e| e.source())
+            .find_map(|e| e.downcast_ref::<DbError>());
+        match refusal {
+            None => true,
+            Some(refusal) => [
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+            ]
+            .contains(refusal.code()),
+        }
+    }
+
     fn mode_name(&self) -> &'static str {
         match self.mode {
             SslMode::Disable => "disable",

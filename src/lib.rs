@@ -4,7 +4,8 @@
 //! Layout:
 //! - [`config`]: every setting, as flags with environment fallbacks.
 //! - [`database`]: DATABASE_URL with libpq's `sslmode` and `sslrootcert`, over rustls.
-//! - [`startup`]: builds the pipeline and the HTTP server; runs until shutdown.
+//! - [`startup`]: checks all that can fail at start, then starts the actors and
+//!   the HTTP server; runs until shutdown.
 //! - [`routes`]: health checks and metrics; [`ws`]: the WebSocket endpoint.
 //! - [`telemetry`]: logging and the metrics recorder.
 //! - [`load`]: `sluice load`, the load generator (also used by the benchmark).

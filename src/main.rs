@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
+
 use sluice::config::{Cli, Command};
 use sluice::startup::Application;
 use sluice::telemetry;
@@ -42,10 +44,11 @@ async fn serve(config: sluice::config::Config) -> anyhow::Result<()> {
 
 /// `sluice load`: publish test events on a single-threaded runtime.
 fn load(config: &sluice::config::Config, args: &sluice::load::LoadArgs) -> anyhow::Result<()> {
+    let tls = config.broker_tls()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
-    let tls = config.broker_tls()?;
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(sluice::load::run(
         &config.amqp_url,
         &tls,
@@ -62,7 +65,8 @@ fn dead_letters(
 ) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
+        .build()
+        .context("starting the runtime")?
         .block_on(sluice::dead_letters::cli::run(config, args))
 }
 

@@ -24,7 +24,7 @@ pub fn base_url() -> String {
 }
 
 /// `base` with the database `name` put in its path (query parameters kept).
-fn with_database(base: &str, name: &str) -> String {
+pub fn with_database(base: &str, name: &str) -> String {
     let (head, query) = match base.split_once('?') {
         Some((head, query)) => (head, Some(query)),
         None => (base, None),

@@ -1,4 +1,4 @@
-//! Integration tests of the datastore path against the real RabbitMQ and
+//! Integration tests of the datastore path and of start-up against the real RabbitMQ and
 //! PostgreSQL: one test binary, each test with its own database and its own
 //! AMQP prefix, so they run in parallel.
 
@@ -8,3 +8,4 @@ mod datastore;
 mod faults;
 mod helpers;
 mod overload;
+mod startup;

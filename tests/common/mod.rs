@@ -1,14 +1,17 @@
-//! Shared by the integration test binaries (`tests/api`, `tests/live`): a
+//! Shared by the integration test binaries (`tests/api`, `tests/live`, ...): a
 //! real `sluice` process on a fresh database and a fresh broker topology, a
-//! publisher with confirms, and readers for rows, queues and metrics. Each
-//! binary adds the helpers of its own subject in its `helpers` module.
+//! publisher with confirms, readers for rows, queues and metrics, a mapping
+//! file, and running the binary to its exit. Each binary adds the helpers of
+//! its own subject in its `helpers` module.
 
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
 pub mod browser;
 
-use std::path::Path;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sluice_testkit::amqp::{self, GotMessage};
@@ -31,16 +34,41 @@ pub struct TestApp {
 
 /// Starts the service on `db` with extra settings, and waits until it consumes.
 pub async fn spawn_app_with(db: TestDb, extra: &[(&str, String)]) -> TestApp {
+    spawn_app_meanwhile(db, extra, async {}).await
+}
+
+/// [`spawn_app_with`], running `meanwhile` while the service starts (to
+/// bring up a server it is waiting for, say); returns once both are done.
+/// Fails the test, with the service's output, if the service exits instead.
+pub async fn spawn_app_meanwhile(
+    db: TestDb,
+    extra: &[(&str, String)],
+    meanwhile: impl Future<Output = ()>,
+) -> TestApp {
     let prefix = unique_prefix();
     let amqp_url = amqp::amqp_url();
     let topology = TopologyGuard::new(&amqp_url, &prefix);
     let mut env = vec![
-        ("DATABASE_URL", db.url()),
-        ("AMQP_PREFIX", prefix.clone()),
-        ("AMQP_URL", amqp_url.clone()),
+        ("DATABASE_URL".to_owned(), db.url()),
+        ("AMQP_PREFIX".to_owned(), prefix.clone()),
+        ("AMQP_URL".to_owned(), amqp_url.clone()),
     ];
-    env.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
-    let service = start(&env);
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+    // Waiting for the service blocks a thread: not the one `meanwhile` runs on.
+    let starting = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        start(&env)
+    });
+    let started = async {
+        match starting.await {
+            Ok(service) => service,
+            Err(failed) => match failed.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(failed) => panic!("starting sluice: {failed}"),
+            },
+        }
+    };
+    let (service, ()) = tokio::join!(started, meanwhile);
     let publisher = Publisher::connect(&amqp_url)
         .await
         .expect("publisher connects");
@@ -52,6 +80,47 @@ pub async fn spawn_app_with(db: TestDb, extra: &[(&str, String)]) -> TestApp {
         publisher,
         _topology: topology,
     }
+}
+
+/// Runs the binary with `args` and `env` (after the defaults
+/// `HTTP_ADDR=127.0.0.1:0` and `RUST_LOG=info`) until it exits by itself:
+/// its exit code and everything it wrote (stdout, then stderr). Fails the
+/// test, with that output, if it is still running after [`PATIENCE`].
+pub fn run_to_exit(env: &[(&str, String)], args: &[&str]) -> (Option<i32>, String) {
+    let child = Command::new(Path::new(env!("CARGO_BIN_EXE_sluice")))
+        .args(args)
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sluice");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits in i32"));
+    // The exit is the signal: a thread waits for it, the test waits for the thread.
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = exited.send(child.wait_with_output());
+    });
+    let (output, in_time) = match exit.recv_timeout(PATIENCE) {
+        Ok(output) => (output, true),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            (exit.recv().expect("the waiting thread answers"), false)
+        }
+    };
+    let output = output.expect("wait for sluice");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        in_time,
+        "sluice did not exit by itself within {PATIENCE:?}; its output:\n{text}"
+    );
+    (output.status.code(), text)
 }
 
 /// Spawns the binary and waits for its consumer (the topology then exists).
@@ -140,6 +209,32 @@ impl TestApp {
     pub async fn cleanup(self) {
         let _ = self.publisher.close().await;
         let _ = amqp::delete_topology(&self.amqp_url, &self.prefix).await;
+    }
+}
+
+/// A mapping file in the temporary directory, deleted on drop.
+pub struct MappingFile {
+    pub path: PathBuf,
+}
+
+impl MappingFile {
+    pub fn new(text: &str) -> MappingFile {
+        let path = std::env::temp_dir().join(format!(
+            "sluice-mapping-{}.toml",
+            sluice_testkit::random_suffix()
+        ));
+        std::fs::write(&path, text).expect("write the mapping file");
+        MappingFile { path }
+    }
+
+    pub fn env(&self) -> (&'static str, String) {
+        ("MAPPING", self.path.display().to_string())
+    }
+}
+
+impl Drop for MappingFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

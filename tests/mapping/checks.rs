@@ -16,6 +16,7 @@ async fn refusal(ddl: &str, mapping: &str) -> String {
         !logs.contains("listening on"),
         "nothing was served; logs:\n{logs}"
     );
+    assert!(!logs.contains("panicked"), "no panic; logs:\n{logs}");
     logs
 }
 

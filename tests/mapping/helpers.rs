@@ -1,39 +1,14 @@
-//! The mapping tests' own helpers: a mapping file that is deleted afterwards,
-//! a service started on a prepared table, pipelined publishing of chosen
-//! bodies, and running the service until it refuses to start.
+//! The mapping tests' own helpers: a service started on a prepared table,
+//! pipelined publishing of chosen bodies, and running the service until it
+//! refuses to start (the mapping file itself is `MappingFile`, in `tests/common`).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
-use sluice_testkit::{eventually, fresh_database, random_suffix, unique_prefix, Proxy, TestDb};
+use sluice_testkit::{eventually, fresh_database, unique_prefix, Proxy, TestDb};
 
 pub use crate::common::*;
-
-/// A mapping file in the temporary directory, deleted on drop.
-pub struct MappingFile {
-    pub path: PathBuf,
-}
-
-impl MappingFile {
-    pub fn new(text: &str) -> MappingFile {
-        let path = std::env::temp_dir().join(format!("sluice-mapping-{}.toml", random_suffix()));
-        std::fs::write(&path, text).expect("write the mapping file");
-        MappingFile { path }
-    }
-
-    pub fn env(&self) -> (&'static str, String) {
-        ("MAPPING", self.path.display().to_string())
-    }
-}
-
-impl Drop for MappingFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
 
 /// A fresh database holding the user's table (`ddl`).
 pub async fn database_with(ddl: &str) -> TestDb {
@@ -122,38 +97,14 @@ pub async fn wait_some_table_rows(db: &TestDb, table: &str, n: i64) -> i64 {
 }
 
 /// Runs the service on `db` with `mapping`, expecting it to refuse to start:
-/// returns its exit code and everything it logged. Fails the test if it is
-/// still running after [`PATIENCE`].
+/// returns its exit code and everything it logged.
 pub fn refused_start(db: &TestDb, mapping: &MappingFile) -> (Option<i32>, String) {
-    let log = std::env::temp_dir().join(format!("sluice-refused-{}.log", random_suffix()));
-    let file = std::fs::File::create(&log).expect("create the log file");
-    let mut child = Command::new(Path::new(env!("CARGO_BIN_EXE_sluice")))
-        .env("DATABASE_URL", db.url())
-        .env("AMQP_PREFIX", unique_prefix())
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .env("MAPPING", &mapping.path)
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("clone the log file"))
-        .stderr(file)
-        .spawn()
-        .expect("start sluice");
-    // The exit is the signal: a thread waits for it, the test waits for the thread.
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits in i32"));
-    let (exited, exit) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = exited.send(child.wait());
-    });
-    let status = match exit.recv_timeout(PATIENCE) {
-        Ok(status) => status.expect("wait for sluice"),
-        Err(_) => {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let logs = std::fs::read_to_string(&log).unwrap_or_default();
-            let _ = std::fs::remove_file(&log);
-            panic!("sluice did not refuse to start within {PATIENCE:?}; its output:\n{logs}");
-        }
-    };
-    let logs = std::fs::read_to_string(&log).expect("read the log file");
-    let _ = std::fs::remove_file(&log);
-    (status.code(), logs)
+    run_to_exit(
+        &[
+            ("DATABASE_URL", db.url()),
+            ("AMQP_PREFIX", unique_prefix()),
+            mapping.env(),
+        ],
+        &[],
+    )
 }

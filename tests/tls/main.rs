@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{get, spawn_app_with, PATIENCE};
+use common::{get, run_to_exit, spawn_app_with, PATIENCE};
 use sluice_testkit::amqp::{self, amqp_url};
 use sluice_testkit::tls::{ServerCert, TestCa, TlsProxy};
 use sluice_testkit::{
@@ -330,23 +330,6 @@ async fn postgres_verify_full_stores_every_row_over_tls() {
     assert_eq!(plain, 0, "no plain-text session");
     assert_eq!(app.terminate(), Some(0));
     app.cleanup().await;
-}
-
-/// Runs the binary to its exit (it must exit by itself): exit code and output.
-fn run_to_exit(env: &[(&str, String)], args: &[&str]) -> (Option<i32>, String) {
-    let output = Command::new(bin())
-        .args(args)
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .expect("the binary runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.code(), text)
 }
 
 #[actix_web::test]

@@ -1,0 +1,179 @@
+//! The live path at start-up: the Observable on a thread of its own and,
+//! with `LIVE_FEED=stream`, the feed reader and publisher. The Observable's
+//! address is handed out before it runs (the HTTP server needs it, and is
+//! built while a failure still has nothing to stop); nothing here fails.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::dev::channel::{self, AddressReceiver};
+use actix::prelude::*;
+use sluice_actors::live_feed::{self, publisher::FeedPublisher, FeedSettings};
+use sluice_actors::messages::{DroppedCopies, LiveBacklog, Publish};
+use sluice_actors::observable::Observable;
+use sluice_actors::tls::BrokerTls;
+
+use crate::config::{Config, LiveFeedArg};
+
+/// How long start-up waits for the live feed to read the stream before
+/// consuming anyway (`LIVE_FEED=stream`).
+const FEED_ATTACH_WAIT: Duration = Duration::from_secs(10);
+
+/// Most events copied to the live path and not yet handled by the Observable.
+const LIVE_BACKLOG_EVENTS: usize = 16 * 1024;
+
+/// Messages waiting for the Observable and for the FeedPublisher. Small
+/// chunks are many messages; memory is bounded in events by the Tap's
+/// `LiveBacklog` instead.
+const LIVE_MAILBOX: usize = 1024;
+
+/// The live path before it runs: the Observable's address, and the mailbox
+/// it will read once started.
+pub struct LivePath {
+    observable: Addr<Observable>,
+    mailbox: AddressReceiver<Observable>,
+}
+
+/// What the Tap copies into, once the live path runs.
+pub struct Copies {
+    /// The Observable, or with `LIVE_FEED=stream` the FeedPublisher.
+    pub target: Recipient<Publish>,
+    /// How many watch: the Tap copies only while it is above zero.
+    pub demand: Arc<AtomicUsize>,
+    /// The bound, in events, on copies on their way to the Observable.
+    pub backlog: LiveBacklog,
+    /// Copies the Tap could not hand over, told to clients as missed.
+    pub dropped: DroppedCopies,
+}
+
+impl LivePath {
+    /// The Observable's address, usable before the actor runs (messages
+    /// wait in its mailbox, bounded as ever).
+    pub fn reserve() -> LivePath {
+        let (sender, mailbox) = channel::channel(LIVE_MAILBOX);
+        LivePath {
+            observable: Addr::new(sender),
+            mailbox,
+        }
+    }
+
+    /// Where Observers subscribe.
+    pub fn observable(&self) -> Addr<Observable> {
+        self.observable.clone()
+    }
+
+    /// Starts the Observable (and the feed) on a new arbiter, which the
+    /// caller keeps for as long as the service runs. `observers` counts the
+    /// open WebSocket sessions. With `LIVE_FEED=stream`, waits (at most
+    /// [`FEED_ATTACH_WAIT`]) until the feed reads the stream, so that this
+    /// instance's dashboards see every event it stores from the start.
+    pub async fn start(
+        self,
+        config: &Config,
+        tls: &BrokerTls,
+        observers: Arc<AtomicUsize>,
+    ) -> (Arbiter, Copies) {
+        let arbiter = Arbiter::new();
+        let dropped = DroppedCopies::default();
+        let upstream_drops = dropped.clone();
+        let history = config.live_history as usize;
+        let stream_feed = config.live_feed == LiveFeedArg::Stream;
+        let LivePath {
+            observable,
+            mailbox,
+        } = self;
+        arbiter.spawn_fn(move || {
+            let observable = if stream_feed {
+                // The Tap's drops are numbered by the feed publisher and come
+                // back, from the stream, as gaps in this instance's sequence.
+                Observable::new()
+                    .with_history(history)
+                    .with_shared_positions()
+            } else {
+                Observable::with_upstream(upstream_drops).with_history(history)
+            };
+            Context::with_receiver(mailbox).run(observable);
+        });
+        // The Tap copies while anyone watches. With a history ring, the ring
+        // always watches: it counts as one standing observer.
+        let demand = if config.live_history > 0 || stream_feed {
+            Arc::new(AtomicUsize::new(1))
+        } else {
+            observers
+        };
+        let target = if stream_feed {
+            start_feed(config, tls, &arbiter, observable, &dropped).await
+        } else {
+            observable.recipient()
+        };
+        let copies = Copies {
+            target,
+            demand,
+            backlog: LiveBacklog::new(LIVE_BACKLOG_EVENTS),
+            dropped,
+        };
+        (arbiter, copies)
+    }
+}
+
+/// `LIVE_FEED=stream`: the reader of the stream (feeding `observable`) and
+/// the publisher into it (the Tap's copy target), both on `arbiter`.
+async fn start_feed(
+    config: &Config,
+    tls: &BrokerTls,
+    arbiter: &Arbiter,
+    observable: Addr<Observable>,
+    dropped: &DroppedCopies,
+) -> Recipient<Publish> {
+    let feed = feed_settings(config, tls);
+    log::info!(
+        "live feed: stream {} (every instance's events, one order)",
+        feed.stream
+    );
+    let (attached, reading) = tokio::sync::oneshot::channel();
+    let reader = live_feed::reader::run(
+        feed.clone(),
+        observable.recipient(),
+        LiveBacklog::new(LIVE_BACKLOG_EVENTS),
+        attached,
+    );
+    arbiter.spawn(reader);
+    // Read the stream before consuming the ingest queue.
+    if tokio::time::timeout(FEED_ATTACH_WAIT, reading)
+        .await
+        .is_err()
+    {
+        log::warn!(
+            "the live feed is not reading {} after {FEED_ATTACH_WAIT:?}; \
+             starting anyway (it keeps trying)",
+            feed.stream
+        );
+    }
+    let drops = dropped.clone();
+    FeedPublisher::start_in_arbiter(&arbiter.handle(), move |ctx| {
+        ctx.set_mailbox_capacity(LIVE_MAILBOX);
+        FeedPublisher::new(feed, drops)
+    })
+    .recipient()
+}
+
+/// The live feed's settings (`LIVE_FEED=stream`).
+fn feed_settings(config: &Config, tls: &BrokerTls) -> FeedSettings {
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    FeedSettings {
+        amqp_url: config.amqp_url.clone(),
+        tls: tls.clone(),
+        stream: format!("{}.live", config.amqp_prefix),
+        max_age: config.live_stream_max_age,
+        max_bytes: config.live_stream_max_bytes,
+        max_unconfirmed: config.live_stream_max_unconfirmed as usize,
+        // One sequence per process: a restarted instance is a new origin.
+        origin: format!("{}/{}-{started_ms}", config.instance(), std::process::id()),
+        prefetch: 1000,
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(10),
+    }
+}
