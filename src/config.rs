@@ -29,6 +29,9 @@ pub enum Command {
     /// Publish test events to the service's exchange (`AMQP_PREFIX` at
     /// `AMQP_URL`) with publisher confirms: a load generator.
     Load(crate::load::LoadArgs),
+    /// See the dead letters by reason, replay them (exactly once), or
+    /// discard them, on the broker of `AMQP_URL` / `AMQP_PREFIX`.
+    DeadLetters(crate::dead_letters::cli::DeadLettersArgs),
 }
 
 /// The service's settings.

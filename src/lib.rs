@@ -10,9 +10,12 @@
 //! - [`telemetry`]: logging and the metrics recorder.
 //! - [`load`]: `sluice load`, the load generator (also used by the benchmark).
 //! - [`mapping`]: `--mapping mapping.toml`, rows into the user's own table.
+//! - [`dead_letters`]: `sluice dead-letters` and `/api/dead-letters`: counts by
+//!   reason, listing, replay (exactly once), discard.
 
 pub mod config;
 pub mod database;
+pub mod dead_letters;
 pub mod load;
 pub mod mapping;
 pub mod routes;

@@ -11,10 +11,19 @@ use sluice::telemetry;
 
 fn main() -> ExitCode {
     let cli = Cli::load().unwrap_or_else(|err| err.exit());
-    telemetry::init_logging(&cli.service.log_filter, &cli.service.instance());
+    // lapin logs a refused passive declare (a missing queue) as an error of
+    // its own: the dead-letter commands say it once, in their own words.
+    let filter = match &cli.command {
+        Some(Command::DeadLetters(_)) if !cli.service.log_filter.contains("lapin") => {
+            format!("{},lapin=off", cli.service.log_filter)
+        }
+        _ => cli.service.log_filter.clone(),
+    };
+    telemetry::init_logging(&filter, &cli.service.instance());
     let result = match cli.command {
         None | Some(Command::Serve) => actix_web::rt::System::new().block_on(serve(cli.service)),
         Some(Command::Load(args)) => load(&cli.service, &args),
+        Some(Command::DeadLetters(args)) => dead_letters(&cli.service, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,6 +56,18 @@ fn load(config: &sluice::config::Config, args: &sluice::load::LoadArgs) -> anyho
         args,
     ))?;
     Ok(())
+}
+
+/// `sluice dead-letters …` on a single-threaded runtime.
+fn dead_letters(
+    config: &sluice::config::Config,
+    args: &sluice::dead_letters::cli::DeadLettersArgs,
+) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(sluice::dead_letters::cli::run(config, args))
 }
 
 /// Completes on the first SIGTERM or SIGINT.

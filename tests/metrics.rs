@@ -171,7 +171,7 @@ async fn metrics_count_what_happened_and_the_stats_agree() {
     assert_eq!(metrics["sluice_batch_size_events_sum"], N as f64);
     assert!(metrics["sluice_write_duration_seconds_count"] >= 1.0);
     assert_eq!(db.count_rows("events").await, N as i64);
-    let dead = amqp::get_all(url, &format!("{prefix}.dead"))
+    let dead = amqp::get_all_dead(url, prefix)
         .await
         .expect("the dead-letter queue reads");
     assert_eq!(dead.len(), 1, "one dead letter");

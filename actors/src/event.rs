@@ -69,6 +69,20 @@ impl Event {
     }
 }
 
+/// The headers Sluice writes on dead letters, and a replay on what it puts
+/// back on the ingest path.
+pub mod headers {
+    /// Why the letter is dead: a [`super::DeadReason`]'s name. It also routes
+    /// the letter to its queue, `P.dead.<reason>`.
+    pub const REASON: &str = "x-sluice-reason";
+    /// The parser's or the database's message (at most 1 KiB).
+    pub const DETAIL: &str = "x-sluice-detail";
+    /// When the letter was dead-lettered, in milliseconds since the epoch.
+    pub const DEAD_AT: &str = "x-sluice-dead-at";
+    /// How many times the letter has been replayed (absent: never).
+    pub const REPLAYS: &str = "x-sluice-replays";
+}
+
 /// Why a message was dead-lettered; written into the `x-sluice-reason` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeadReason {
@@ -87,6 +101,21 @@ pub enum DeadReason {
 }
 
 impl DeadReason {
+    /// Every reason, in the order they are listed to operators.
+    pub const ALL: [DeadReason; 6] = [
+        DeadReason::Empty,
+        DeadReason::TooLarge,
+        DeadReason::NotUtf8,
+        DeadReason::NotJson,
+        DeadReason::Rejected,
+        DeadReason::Overflow,
+    ];
+
+    /// The reason named `text` (as written in the `x-sluice-reason` header).
+    pub fn parse(text: &str) -> Option<DeadReason> {
+        DeadReason::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+
     /// The value of the `x-sluice-reason` header and of the metric label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -394,6 +423,14 @@ mod tests {
             first.published_at,
             Some(UNIX_EPOCH + Duration::from_secs(1_600_000_000))
         );
+    }
+
+    #[test]
+    fn every_reason_parses_back_from_its_name() {
+        for reason in DeadReason::ALL {
+            assert_eq!(DeadReason::parse(reason.as_str()), Some(reason));
+        }
+        assert_eq!(DeadReason::parse("overflows"), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use deadpool_postgres::Pool;
 use serde_json::Value;
 
 use crate::event::{Event, EventData};
-use crate::store::{classify, Store, StoreError};
+use crate::store::{classify, execute_cached, Store, StoreError};
 
 /// Where a column's value comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,11 +302,7 @@ impl Store for MappedStore {
             .get()
             .await
             .map_err(|err| StoreError::Unavailable(format!("no connection: {err}")))?;
-        let statement = client
-            .prepare_cached(&self.insert)
-            .await
-            .map_err(classify)?;
-        match client.execute(&statement, &[&rows]).await {
+        match execute_cached(&client, &self.insert, &[&rows]).await {
             Ok(inserted) => Ok(inserted),
             Err(err) => {
                 let column = err

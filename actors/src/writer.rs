@@ -7,8 +7,12 @@
 //! batch that fails because the database is unavailable is retried with
 //! exponential backoff and jitter while the writer holds its deliveries: the
 //! Queue fills, then the prefetch window, and the broker stops delivering.
+//! A batch the *table* refuses whatever its rows (it, a column or the
+//! conflict index is gone, INSERT was revoked: [`StoreError::Unfit`]) is
+//! held the same way, and the writers' [`WriteHold`] says why, for
+//! `/readyz`, until a write goes through again.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -16,7 +20,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::event::{DeadLetter, DeadReason, Event};
 use crate::internal_events::datastore::{
-    BatchCommitted, DatabaseRecovered, DatabaseRetry, EndToEndLatency,
+    BatchCommitted, DatabaseRecovered, DatabaseRetry, EndToEndLatency, WritesHeld, WritesResumed,
 };
 use crate::messages::{Batch, BatchOutcome, Settle, WriterReady};
 use crate::store::{Store, StoreError};
@@ -39,6 +43,32 @@ impl Default for RetrySettings {
     }
 }
 
+/// Why the writers are holding their batches instead of writing them, if
+/// they are: set when the table refuses every row ([`StoreError::Unfit`]),
+/// cleared by the next write that goes through. Shared by every writer and
+/// `/readyz`.
+#[derive(Debug, Clone, Default)]
+pub struct WriteHold(Arc<Mutex<Option<String>>>);
+
+impl WriteHold {
+    /// The database's reason, while writes are held.
+    pub fn reason(&self) -> Option<String> {
+        self.lock().clone()
+    }
+
+    fn set(&self, why: &str) {
+        *self.lock() = Some(why.to_owned());
+    }
+
+    fn clear(&self) -> bool {
+        self.lock().take().is_some()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The Writer actor. See the module documentation.
 pub struct Writer {
     /// Index of this writer, for logs.
@@ -50,6 +80,8 @@ pub struct Writer {
     /// Told which deliveries are done (the Consumer).
     settle: Recipient<Settle>,
     retry: RetrySettings,
+    /// Set while the table refuses every row (see [`WriteHold`]).
+    hold: WriteHold,
 }
 
 impl std::fmt::Debug for Writer {
@@ -74,7 +106,16 @@ impl Writer {
             queue,
             settle,
             retry,
+            hold: WriteHold::default(),
         }
+    }
+
+    /// Reports held writes through `hold` (shared with the other writers
+    /// and `/readyz`).
+    #[must_use]
+    pub fn with_hold(mut self, hold: WriteHold) -> Self {
+        self.hold = hold;
+        self
     }
 }
 
@@ -107,13 +148,13 @@ impl Handler<Batch> for Writer {
         let store = self.store.clone();
         let queue = self.queue.clone();
         let settle = self.settle.clone();
-        let (id, retry) = (self.id, self.retry);
+        let (id, retry, hold) = (self.id, self.retry, self.hold.clone());
         AtomicResponse::new(Box::pin(
             async move {
                 let started = Instant::now();
                 let events = msg.events;
                 let (inserted, rejected) =
-                    write_isolating(id, store.as_ref(), &events, retry).await;
+                    write_isolating(id, store.as_ref(), &events, retry, &hold).await;
                 let elapsed = started.elapsed();
                 let mut stored = Vec::with_capacity(events.len());
                 let mut dead = Vec::new();
@@ -165,6 +206,7 @@ async fn write_isolating(
     store: &dyn Store,
     events: &[Event],
     retry: RetrySettings,
+    hold: &WriteHold,
 ) -> (u64, Vec<(usize, String)>) {
     let mut inserted = 0;
     let mut rejected = Vec::new();
@@ -176,7 +218,7 @@ async fn write_isolating(
         if range.is_empty() {
             continue;
         }
-        match write_retrying(id, store, &events[range.clone()], retry).await {
+        match write_retrying(id, store, &events[range.clone()], retry, hold).await {
             Ok(rows) => inserted += rows,
             Err(detail) if range.len() == 1 => rejected.push((range.start, detail)),
             Err(_) => {
@@ -189,13 +231,15 @@ async fn write_isolating(
     (inserted, rejected)
 }
 
-/// Writes one slice, retrying for as long as the database is unavailable.
-/// Returns the database's reason when it refuses the rows themselves.
+/// Writes one slice, retrying for as long as the database is unavailable or
+/// the table refuses every row. Returns the database's reason when it
+/// refuses the rows themselves.
 async fn write_retrying(
     id: usize,
     store: &dyn Store,
     events: &[Event],
     retry: RetrySettings,
+    hold: &WriteHold,
 ) -> Result<u64, String> {
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(retry.min_delay)
@@ -207,6 +251,9 @@ async fn write_retrying(
     loop {
         match store.insert(events).await {
             Ok(rows) => {
+                if hold.clear() {
+                    WritesResumed { writer: id }.emit();
+                }
                 if attempt > 0 {
                     DatabaseRecovered {
                         writer: id,
@@ -217,6 +264,19 @@ async fn write_retrying(
                 return Ok(rows);
             }
             Err(StoreError::Rejected(detail)) => return Err(detail),
+            Err(StoreError::Unfit(error)) => {
+                attempt += 1;
+                let delay = delays.next().unwrap_or(retry.max_delay);
+                hold.set(&error);
+                WritesHeld {
+                    writer: id,
+                    attempt,
+                    delay,
+                    error: &error,
+                }
+                .emit();
+                tokio::time::sleep(delay).await;
+            }
             Err(StoreError::Unavailable(error)) => {
                 attempt += 1;
                 let delay = delays.next().unwrap_or(retry.max_delay);

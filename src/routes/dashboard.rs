@@ -36,6 +36,16 @@ const ASSETS: &[Asset] = &[
         body: include_str!("../../static/dashboard.css"),
     },
     Asset {
+        name: "dead_letters.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("../../static/dead_letters.js"),
+    },
+    Asset {
+        name: "dead_letters.css",
+        content_type: "text/css; charset=utf-8",
+        body: include_str!("../../static/dead_letters.css"),
+    },
+    Asset {
         name: "vendor/uPlot.iife.min.js",
         content_type: "text/javascript; charset=utf-8",
         body: include_str!("../../static/vendor/uPlot.iife.min.js"),

@@ -51,6 +51,8 @@ pub struct Shared {
     pub metrics: web::Data<PrometheusHandle>,
     /// `/ws`: settings, the Observable, the sessions open.
     pub ws: web::Data<WsState>,
+    /// `/api/dead-letters`: the broker settings, the token, the counts cache.
+    pub dead_letters: web::Data<routes::dead_letters::DeadLetterDesk>,
     /// `SO_SNDBUF` of accepted connections (`WS_WINDOW_BYTES`).
     pub send_buffer: usize,
 }
@@ -70,6 +72,7 @@ pub fn server(port: Port, shared: Shared) -> anyhow::Result<(SocketAddr, actix_w
         readiness,
         metrics,
         ws,
+        dead_letters,
         send_buffer,
     } = shared;
     let server = HttpServer::new(move || {
@@ -82,6 +85,15 @@ pub fn server(port: Port, shared: Shared) -> anyhow::Result<(SocketAddr, actix_w
             .route("/readyz", web::get().to(routes::health::readyz))
             .route("/metrics", web::get().to(routes::metrics::metrics))
             .route("/api/stats", web::get().to(routes::stats::stats))
+            .app_data(dead_letters.clone())
+            .route(
+                "/api/dead-letters",
+                web::get().to(routes::dead_letters::list),
+            )
+            .route(
+                "/api/dead-letters/replay",
+                web::post().to(routes::dead_letters::replay_route),
+            )
             .route("/", web::get().to(routes::dashboard::index))
             .route("/static/{file:.*}", web::get().to(routes::dashboard::asset))
     })

@@ -31,8 +31,10 @@ use actix_web::web;
 use anyhow::bail;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_actors::consumer::{BrokerStatus, Consumer, Shutdown};
+use sluice_actors::writer::WriteHold;
 
 use crate::config::Config;
+use crate::routes::dead_letters::DeadLetterDesk;
 use crate::routes::health::Readiness;
 use crate::ws::WsState;
 use database::Database;
@@ -66,23 +68,39 @@ impl Application {
         );
         let observers = ws.connected.clone();
         let broker = BrokerStatus::default();
+        let writes_held = WriteHold::default();
         let readiness = Readiness {
             broker: broker.clone(),
             pool: database.pool,
+            writes: writes_held.clone(),
         };
+        let dead_letters = DeadLetterDesk::new(
+            config.amqp_url.clone(),
+            broker_tls.clone(),
+            &config.amqp_prefix,
+            config.auth_token.clone(),
+        );
         let (http_addr, server) = http::server(
             port,
             http::Shared {
                 readiness: web::Data::new(readiness),
                 metrics: web::Data::new(metrics),
                 ws,
+                dead_letters: web::Data::new(dead_letters),
                 send_buffer: config.ws_window_bytes as usize,
             },
         )?;
 
         // Then the actors; nothing below can fail.
         let (live_arbiter, copies) = live.start(&config, observers).await;
-        let consumer = pipeline::start(&config, broker_tls, database.store, copies, broker);
+        let consumer = pipeline::start(
+            &config,
+            broker_tls,
+            database.store,
+            writes_held,
+            copies,
+            broker,
+        );
         log::info!("listening on http://{http_addr}");
 
         Ok(Application {

@@ -12,7 +12,7 @@ use sluice_actors::queue::{Queue, QueueSettings};
 use sluice_actors::store::Store;
 use sluice_actors::tap::Tap;
 use sluice_actors::tls::BrokerTls;
-use sluice_actors::writer::{RetrySettings, Writer};
+use sluice_actors::writer::{RetrySettings, WriteHold, Writer};
 
 use super::live::Copies;
 use crate::config::Config;
@@ -20,13 +20,15 @@ use crate::config::Config;
 /// Most deliveries handed to the Tap in one message.
 const CHUNK: usize = 512;
 
-/// Starts the datastore path, writing into `store` and copying into the
-/// live path's `copies`; `broker` tells `/readyz` whether it consumes.
-/// Returns the Consumer, which is asked to drain on shutdown.
+/// Starts the datastore path, writing into `store` (the writers report a
+/// table that refuses every row in `held`) and copying into the live path's
+/// `copies`; `broker` tells `/readyz` whether it consumes. Returns the
+/// Consumer, which is asked to drain on shutdown.
 pub fn start(
     config: &Config,
     tls: BrokerTls,
     store: Arc<dyn Store>,
+    held: WriteHold,
     copies: Copies,
     broker: BrokerStatus,
 ) -> Addr<Consumer> {
@@ -74,6 +76,7 @@ pub fn start(
             consumer.clone().recipient(),
             RetrySettings::default(),
         )
+        .with_hold(held.clone())
         .start();
     }
     consumer

@@ -2,8 +2,10 @@
 //!
 //! Each test gives the service its own `AMQP_PREFIX` (from [`unique_prefix`]), so
 //! the topology it declares — topic exchange `<prefix>`, queue `<prefix>.ingest`,
-//! dead-letter exchange `<prefix>.dlx` and queue `<prefix>.dead` — is private to
-//! the test; [`delete_topology`] removes it afterwards.
+//! the dead-letter exchanges `<prefix>.dlx` and `<prefix>.dlx.sorted`, the
+//! dead-letter queues `<prefix>.dead.<reason>` and `<prefix>.dead`, the replay
+//! exchange `<prefix>.replay` — is private to the test; [`delete_topology`]
+//! removes it afterwards. [`dead_queues`] names every dead-letter queue.
 //!
 //! The broker is `amqp://guest:guest@127.0.0.1:5672/%2f` unless `AMQP_URL` says otherwise.
 
@@ -358,6 +360,47 @@ impl GotMessage {
     }
 }
 
+/// The reasons the service sorts dead letters by (`x-sluice-reason`), each
+/// with its queue `<prefix>.dead.<reason>` (the service's `DeadReason::ALL`;
+/// `tests/dead_letters` checks the two agree).
+pub const DEAD_REASONS: [&str; 6] = [
+    "empty",
+    "too_large",
+    "not_utf8",
+    "not_json",
+    "rejected_by_database",
+    "overflow",
+];
+
+/// Every dead-letter queue of `prefix`: one per reason, then `<prefix>.dead`
+/// (letters the broker dead-lettered itself).
+pub fn dead_queues(prefix: &str) -> Vec<String> {
+    DEAD_REASONS
+        .iter()
+        .map(|reason| format!("{prefix}.dead.{reason}"))
+        .chain(std::iter::once(format!("{prefix}.dead")))
+        .collect()
+}
+
+/// Ready messages in all the dead-letter queues of `prefix`.
+pub async fn dead_ready(url: &str, prefix: &str) -> Result<u32> {
+    let mut total = 0;
+    for queue in dead_queues(prefix) {
+        total += ready_count(url, &queue).await?;
+    }
+    Ok(total)
+}
+
+/// Take every message of every dead-letter queue of `prefix` (see [`get_all`]),
+/// queue by queue in [`dead_queues`] order.
+pub async fn get_all_dead(url: &str, prefix: &str) -> Result<Vec<GotMessage>> {
+    let mut all = Vec::new();
+    for queue in dead_queues(prefix) {
+        all.extend(get_all(url, &queue).await?);
+    }
+    Ok(all)
+}
+
 /// Take every message currently in `queue` (`basic.get` with auto-ack until empty),
 /// e.g. to read `<prefix>.dead`. The messages are removed from the queue.
 pub async fn get_all(url: &str, queue: &str) -> Result<Vec<GotMessage>> {
@@ -385,17 +428,15 @@ pub async fn get_all(url: &str, queue: &str) -> Result<Vec<GotMessage>> {
 }
 
 /// Delete the topology the service declares for `prefix` (best effort: what does
-/// not exist is skipped). Queues `<prefix>.ingest`, `<prefix>.dead`, the
-/// live feed's stream `<prefix>.live`; exchanges
-/// `<prefix>`, `<prefix>.dlx`.
+/// not exist is skipped). Queues `<prefix>.ingest`, the dead-letter queues
+/// ([`dead_queues`]), the live feed's stream `<prefix>.live`; exchanges
+/// `<prefix>`, `<prefix>.dlx`, `<prefix>.dlx.sorted`, `<prefix>.replay`.
 pub async fn delete_topology(url: &str, prefix: &str) -> Result<()> {
     let connection = connect(url).await?;
     // A failed delete closes its channel, so each gets a fresh one.
-    for queue in [
-        format!("{prefix}.ingest"),
-        format!("{prefix}.dead"),
-        format!("{prefix}.live"),
-    ] {
+    let mut queues = vec![format!("{prefix}.ingest"), format!("{prefix}.live")];
+    queues.extend(dead_queues(prefix));
+    for queue in queues {
         if let Ok(channel) = connection.create_channel().await {
             if let Err(e) = channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -405,7 +446,12 @@ pub async fn delete_topology(url: &str, prefix: &str) -> Result<()> {
             }
         }
     }
-    for exchange in [prefix.to_owned(), format!("{prefix}.dlx")] {
+    for exchange in [
+        prefix.to_owned(),
+        format!("{prefix}.dlx"),
+        format!("{prefix}.dlx.sorted"),
+        format!("{prefix}.replay"),
+    ] {
         if let Ok(channel) = connection.create_channel().await {
             if let Err(e) = channel
                 .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())

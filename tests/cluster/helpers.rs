@@ -141,11 +141,11 @@ impl Cluster {
             .expect("ingest queue exists")
     }
 
-    /// Messages waiting in the dead-letter queue.
+    /// Messages waiting in the dead-letter queues.
     pub async fn dead_ready(&self) -> u32 {
-        amqp::ready_count(&self.amqp_url, &format!("{}.dead", self.prefix))
+        amqp::dead_ready(&self.amqp_url, &self.prefix)
             .await
-            .expect("dead queue exists")
+            .expect("the dead-letter queues exist")
     }
 
     /// `GET /readyz` of instance `i`: the status code and the body.

@@ -150,13 +150,11 @@ impl TestApp {
         .await;
     }
 
-    /// Waits until the dead-letter queue holds `n` messages, then takes them.
+    /// Waits until the dead-letter queues hold `n` messages, then takes them
+    /// (queue by queue: each reason's, then `P.dead`).
     pub async fn take_dead_letters(&self, n: u32) -> Vec<GotMessage> {
-        let queue = format!("{}.dead", self.prefix);
         eventually(PATIENCE, &format!("{n} dead letters"), || async {
-            let ready = amqp::ready_count(&self.amqp_url, &queue)
-                .await
-                .expect("queue exists");
+            let ready = self.dead_ready().await;
             if ready >= n {
                 Ok(())
             } else {
@@ -164,7 +162,7 @@ impl TestApp {
             }
         })
         .await;
-        amqp::get_all(&self.amqp_url, &queue)
+        amqp::get_all_dead(&self.amqp_url, &self.prefix)
             .await
             .expect("read dead letters")
     }
@@ -176,11 +174,11 @@ impl TestApp {
             .expect("ingest queue exists")
     }
 
-    /// Messages waiting in the dead-letter queue.
+    /// Messages waiting in the dead-letter queues (every reason's and `P.dead`).
     pub async fn dead_ready(&self) -> u32 {
-        amqp::ready_count(&self.amqp_url, &format!("{}.dead", self.prefix))
+        amqp::dead_ready(&self.amqp_url, &self.prefix)
             .await
-            .expect("dead queue exists")
+            .expect("the dead-letter queues exist")
     }
 
     /// Sends SIGTERM and returns the exit code (failing if it takes too long).

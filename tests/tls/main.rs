@@ -451,10 +451,9 @@ async fn no_password_is_ever_printed() {
             .publish(&prefix, "bad", b"not json", Default::default())
             .await
             .expect("publish");
-        let dead = format!("{prefix}.dead");
         sluice_testkit::eventually(PATIENCE, "50 rows and 1 dead letter", || async {
             let rows = db.count_rows("events").await;
-            let dead = amqp::ready_count(&amqp_url(), &dead).await.unwrap_or(0);
+            let dead = amqp::dead_ready(&amqp_url(), &prefix).await.unwrap_or(0);
             if rows == 50 && dead == 1 {
                 Ok(())
             } else {

@@ -1,13 +1,20 @@
-//! Dead letters: republished to the dead-letter exchange with their reason in
-//! headers, confirmed, and only then settled.
+//! Dead letters: republished to the sorting dead-letter exchange with their
+//! reason in headers, confirmed, and only then settled.
+//!
+//! Each letter keeps its body, routing key and properties; three headers are
+//! added: `x-sluice-reason` (which also routes it to `P.dead.<reason>`),
+//! `x-sluice-detail`, and `x-sluice-dead-at` (milliseconds since the epoch,
+//! for the age `sluice dead-letters list` shows). A letter that is replayed
+//! and fails again is dead-lettered again the same way, its replay count
+//! (`x-sluice-replays`) kept.
 
 use std::collections::HashMap;
 
 use lapin::options::{BasicPublishOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
-use lapin::Channel;
+use lapin::{Channel, Confirmation};
 
-use crate::event::{DeadLetter, DeadReason};
+use crate::event::{headers, DeadLetter, DeadReason};
 use crate::internal_events::datastore::DeadLettered;
 use crate::settlement::Settled;
 
@@ -31,8 +38,9 @@ fn report_dead(dead: &[(DeadReason, String)]) {
 /// Longest `x-sluice-detail` header written.
 const MAX_DETAIL: usize = 1024;
 
-/// Publishes each dead letter to the dead-letter exchange with its reason in
-/// the headers and waits for the broker's confirms. A confirmed one is then
+/// Publishes each dead letter to the sorting dead-letter exchange (`exchange`)
+/// with its reason in the headers and waits for the broker's confirms
+/// (`mandatory`: a letter no queue took counts as not published). A confirmed one is then
 /// settled by ack (its copy is safe); one that could not be published is
 /// rejected without requeue, so the queue's own dead-lettering takes it
 /// (without our reason header, but not lost). Only then is it counted in
@@ -41,12 +49,15 @@ const MAX_DETAIL: usize = 1024;
 pub(super) async fn dead_letter(
     dead_channel: &Channel,
     channel: &Channel,
-    dlx: &str,
+    exchange: &str,
     letters: Vec<DeadLetter>,
 ) -> Vec<(u64, Settled)> {
     let mut pending = Vec::with_capacity(letters.len());
+    let dead_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     for letter in letters {
-        let mut headers = letter.properties.headers().clone().unwrap_or_default();
+        let mut table = letter.properties.headers().clone().unwrap_or_default();
         let mut detail = letter.detail;
         if detail.len() > MAX_DETAIL {
             let mut cut = MAX_DETAIL;
@@ -55,20 +66,24 @@ pub(super) async fn dead_letter(
             }
             detail.truncate(cut);
         }
-        headers.insert(
-            "x-sluice-reason".into(),
+        table.insert(
+            headers::REASON.into(),
             AMQPValue::LongString(letter.reason.as_str().into()),
         );
-        headers.insert(
-            "x-sluice-detail".into(),
+        table.insert(
+            headers::DETAIL.into(),
             AMQPValue::LongString(detail.clone().into()),
         );
-        let properties = letter.properties.with_headers(headers);
+        table.insert(headers::DEAD_AT.into(), AMQPValue::LongLongInt(dead_at));
+        let properties = letter.properties.with_headers(table);
         let publish = dead_channel
             .basic_publish(
-                dlx.into(),
+                exchange.into(),
                 letter.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 &letter.body,
                 properties,
             )
@@ -80,7 +95,10 @@ pub(super) async fn dead_letter(
     for (tag, reason, detail, publish) in pending {
         let confirmed = match publish {
             Ok(confirm) => match confirm.await {
-                Ok(confirmation) if confirmation.is_ack() => Ok(()),
+                Ok(Confirmation::Ack(None)) => Ok(()),
+                Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_))) => {
+                    Err(format!("no queue took it (is {exchange} bound?)"))
+                }
                 Ok(_) => Err("the broker refused it (nack)".to_owned()),
                 Err(err) => Err(err.to_string()),
             },

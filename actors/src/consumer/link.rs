@@ -12,7 +12,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use super::acker::Acker;
-use super::ConsumerSettings;
+use super::{ConsumerSettings, Topology};
+use crate::event::DeadReason;
 
 /// Deliveries read and settled on one channel generation, shared between the
 /// reader (which counts deliveries) and the actor (which counts settlements).
@@ -103,6 +104,7 @@ pub(super) async fn open(
         )
         .await
         .map_err(|e| format!("cannot bind {} to {}: {e}", t.dead, t.dlx))?;
+    declare_sorted_dead_letters(&channel, t).await?;
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-dead-letter-exchange".into(),
@@ -136,6 +138,25 @@ pub(super) async fn open(
         .await
         .map_err(|e| format!("cannot bind {} to {}: {e}", t.ingest, t.exchange))?;
     channel
+        .exchange_declare(
+            t.replay.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("cannot declare exchange {}: {e}", t.replay))?;
+    channel
+        .queue_bind(
+            t.ingest.as_str().into(),
+            t.replay.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("cannot bind {} to {}: {e}", t.ingest, t.replay))?;
+    channel
         .basic_qos(settings.prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| format!("cannot set the prefetch window: {e}"))?;
@@ -167,6 +188,68 @@ pub(super) async fn open(
         window: Arc::new(Window::default()),
     };
     Ok((link, stream))
+}
+
+/// The headers exchange that sorts dead letters by reason (its alternate
+/// exchange is `dlx`, declared before), and one durable queue per reason
+/// bound to it on `x-sluice-reason` (see [`Topology`]).
+async fn declare_sorted_dead_letters(channel: &Channel, t: &Topology) -> Result<(), String> {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString(t.dlx.as_str().into()),
+    );
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            t.sorted_dlx.as_str().into(),
+            ExchangeKind::Headers,
+            durable,
+            arguments,
+        )
+        .await
+        .map_err(|e| format!("cannot declare exchange {}: {e}", t.sorted_dlx))?;
+    for reason in DeadReason::ALL {
+        let queue = t.dead_for(reason);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("cannot declare queue {queue}: {e}"))?;
+        // `all-with-x` (RabbitMQ 3.10+): plain `all` ignores `x-` headers.
+        let mut on_reason = FieldTable::default();
+        on_reason.insert("x-match".into(), AMQPValue::LongString("all-with-x".into()));
+        on_reason.insert(
+            "x-sluice-reason".into(),
+            AMQPValue::LongString(reason.as_str().into()),
+        );
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                t.sorted_dlx.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                on_reason,
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot bind {queue} to {} (sorting dead letters by reason needs RabbitMQ \
+                     3.10 or newer): {e}",
+                    t.sorted_dlx
+                )
+            })?;
+    }
+    Ok(())
 }
 
 pub(super) fn close(link: Link, why: &'static str) {

@@ -424,10 +424,10 @@ impl Handler<Settle> for Consumer {
         }
         let channel = link.channel.clone();
         let dead_channel = link.dead_channel.clone();
-        let dlx = self.settings.topology.dlx.clone();
+        let exchange = self.settings.topology.sorted_dlx.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                settled.extend(dead_letter(&dead_channel, &channel, &dlx, dead).await);
+                settled.extend(dead_letter(&dead_channel, &channel, &exchange, dead).await);
                 settled
             }
             .into_actor(self)

@@ -10,8 +10,9 @@ use futures_util::StreamExt;
 
 use super::link::Window;
 use super::{Consumer, ConsumerSettings, StreamEnded};
-use crate::event::{DeadLetter, DeliveryRef, Event, EventData};
+use crate::event::{headers, DeadLetter, DeliveryRef, Event, EventData};
 use crate::internal_events::datastore::{ChunkForwarded, EventsReceived, InFlight};
+use crate::internal_events::dead_letters::ReplayedReceived;
 use crate::messages::{Ingest, Settle};
 
 /// The reader of one channel generation. See the module documentation.
@@ -32,6 +33,7 @@ pub(super) async fn read(
         let mut events = Vec::with_capacity(items.len());
         let mut dead = Vec::new();
         let mut through = None;
+        let mut replayed: Vec<(String, u64)> = Vec::new();
         EventsReceived { count: items.len() }.emit();
         for item in items {
             let delivery = match item {
@@ -49,6 +51,12 @@ pub(super) async fn read(
                 .delivered
                 .store(delivery.delivery_tag, Ordering::Relaxed);
             through = Some(id);
+            if let Some(reason) = replayed_from(&delivery.properties) {
+                match replayed.iter_mut().find(|(r, _)| *r == reason) {
+                    Some((_, count)) => *count += 1,
+                    None => replayed.push((reason, 1)),
+                }
+            }
             let routing_key = delivery.routing_key.as_str().to_owned();
             match EventData::from_delivery(
                 routing_key.clone(),
@@ -76,6 +84,13 @@ pub(super) async fn read(
             unacked: window.in_flight(),
         }
         .emit();
+        for (reason, count) in &replayed {
+            ReplayedReceived {
+                reason,
+                count: *count,
+            }
+            .emit();
+        }
         if !dead.is_empty() {
             let settle = Settle {
                 stored: Vec::new(),
@@ -116,4 +131,17 @@ pub(super) async fn read(
         waiting = Instant::now();
     }
     let _ = consumer.send(StreamEnded { generation, error }).await;
+}
+
+/// The reason a replayed delivery had been dead for (`None` if it was never
+/// replayed): one header lookup, on deliveries that carry headers at all.
+fn replayed_from(properties: &lapin::BasicProperties) -> Option<String> {
+    let table = properties.headers().as_ref()?.inner();
+    table.get(headers::REPLAYS)?;
+    Some(match table.get(headers::REASON) {
+        Some(lapin::types::AMQPValue::LongString(reason)) => {
+            String::from_utf8_lossy(reason.as_bytes()).into_owned()
+        }
+        _ => "unsorted".to_owned(),
+    })
 }

@@ -296,3 +296,50 @@ impl AmqpReconnecting<'_> {
         );
     }
 }
+
+/// The table refused a whole batch for a reason only a change to the table
+/// can fix; the writer holds the batch and tries again.
+#[derive(Debug)]
+pub struct WritesHeld<'a> {
+    /// The writer holding.
+    pub writer: usize,
+    /// Consecutive failures so far.
+    pub attempt: u32,
+    /// The next try is in.
+    pub delay: Duration,
+    /// The database's reason.
+    pub error: &'a str,
+}
+
+impl WritesHeld<'_> {
+    pub fn emit(self) {
+        gauge!("sluice_writes_held").set(1.0);
+        // One line when the hold starts, then one every tenth attempt.
+        if self.attempt == 1 || self.attempt % 10 == 0 {
+            log::error!(
+                "writer {}: the table refuses every row, holding the batch (attempt {}, next in \
+                 {:?}; fix the table and writing resumes): {}",
+                self.writer,
+                self.attempt,
+                self.delay,
+                self.error
+            );
+        }
+    }
+}
+
+/// A write went through after the table had refused every row.
+#[derive(Debug)]
+pub struct WritesResumed {
+    pub writer: usize,
+}
+
+impl WritesResumed {
+    pub fn emit(self) {
+        gauge!("sluice_writes_held").set(0.0);
+        log::info!(
+            "writer {}: the table takes rows again; writing resumes",
+            self.writer
+        );
+    }
+}
