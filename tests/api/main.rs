@@ -7,4 +7,5 @@ mod common;
 mod datastore;
 mod faults;
 mod helpers;
+mod latency;
 mod overload;
