@@ -15,14 +15,17 @@ use tokio::sync::mpsc::error::TrySendError;
 // Tokio's clock, so that tests can pause and advance time.
 use tokio::time::Instant;
 
+use super::buffer::FrameLimits;
 use super::{Observer, CLOSE_STALLED, CLOSE_TIMEOUT};
 use crate::internal_events::live::{DropStage, LiveEventsDropped, ObserverLagging};
 
 impl Observer {
-    /// Writes frames, each followed by its ping, while the channel has room
-    /// and the window is not full, skipping events that would reach the
-    /// client too old. When blocked with events waiting, arms the stall
-    /// timer; when the channel is full, waits for room in a spawned future.
+    /// Writes frames while the channel has room and the window is not
+    /// full, skipping events that would reach the client too old; a ping
+    /// follows every half window written, and the last frame when no ping
+    /// is in flight (see `window.rs`). When blocked with events waiting,
+    /// arms the stall timer; when the channel is full, waits for room in a
+    /// spawned future.
     pub(super) fn flush(&mut self, ctx: &mut Context<Self>) {
         if self.waiting_for_room || self.ended.is_some() {
             return;
@@ -33,28 +36,33 @@ impl Observer {
                 if self.pending.has_frame() {
                     self.arm_stall_timer(ctx);
                 }
-                return;
+                break;
             }
             self.expire();
             if !self.pending.has_frame() {
                 self.disarm_stall_timer(ctx);
-                return;
+                break;
             }
+            let limits = FrameLimits {
+                max_events: self.settings.max_events_per_frame,
+                max_bytes: self.window.frame_bytes(),
+            };
+            let shared = self.shared_limits();
+            // Room for the frame and the ping that may follow it.
             let blocked = match self.outgoing.try_reserve_many(2) {
                 Ok(mut permits) => {
-                    let frame = self.pending.next_frame(
-                        self.settings.max_events_per_frame,
-                        self.window.frame_bytes(),
-                    );
-                    if let (Some(frame), Some(first), Some(second)) =
-                        (frame, permits.next(), permits.next())
-                    {
-                        let bytes = match &frame {
-                            Message::Text(text) => text.len(),
-                            _ => 0,
-                        };
-                        first.send(frame);
-                        second.send(Message::Ping(self.window.sent(bytes, Instant::now())));
+                    let (Some(frame), Some(first), Some(second)) = (
+                        self.pending.next_frame(limits, shared),
+                        permits.next(),
+                        permits.next(),
+                    ) else {
+                        break;
+                    };
+                    first.send(frame.message);
+                    let now = Instant::now();
+                    self.window.wrote(frame.text_len, now);
+                    if self.window.ping_due() {
+                        second.send(Message::Ping(self.window.ping(now)).into());
                     }
                     continue;
                 }
@@ -65,6 +73,30 @@ impl Observer {
                 TrySendError::Closed(()) => self.gone(ctx),
             }
             return;
+        }
+        // Nothing more to write now: what was written must be acknowledged.
+        if self.window.ping_wanted() {
+            let blocked = match self.outgoing.try_reserve() {
+                Ok(permit) => {
+                    permit.send(Message::Ping(self.window.ping(Instant::now())).into());
+                    return;
+                }
+                Err(err) => err,
+            };
+            match blocked {
+                TrySendError::Full(()) => self.wait_for_room(ctx),
+                TrySendError::Closed(()) => self.gone(ctx),
+            }
+        }
+    }
+
+    /// The limits of the frames built once per delivery for every observer
+    /// (see [`crate::shared_frames`]): the configured ones, which a client's
+    /// own never exceed, so every caught-up client can send them.
+    fn shared_limits(&self) -> FrameLimits {
+        FrameLimits {
+            max_events: self.settings.max_events_per_frame,
+            max_bytes: self.window.max_frame_bytes(),
         }
     }
 
@@ -165,7 +197,7 @@ impl Observer {
         }
         let closed = match self.outgoing.try_reserve() {
             Ok(permit) => {
-                permit.send(Message::Ping(self.window.sent(0, Instant::now())));
+                permit.send(Message::Ping(self.window.sent(0, Instant::now())).into());
                 false
             }
             Err(err) => matches!(err, TrySendError::Closed(())),

@@ -77,7 +77,8 @@ pub use buffer::OnFull;
 pub use protocol::{ClientMessage, CLOSE_STALLED, CLOSE_TIMEOUT};
 pub use session::SessionSlot;
 pub use settings::{
-    outgoing_channel, ObserverSettings, MAILBOX_SPARE, MIN_MAILBOX_EVENTS, OUTGOING_FRAMES,
+    outgoing_channel, ObserverSettings, Outgoing, MAILBOX_SPARE, MIN_MAILBOX_EVENTS,
+    OUTGOING_FRAMES,
 };
 
 use buffer::Pending;
@@ -99,10 +100,10 @@ pub struct Observer {
     /// Bounds, in events, the deliveries waiting in this Observer's mailbox.
     backlog: LiveBacklog,
     /// Frames for the socket. Its fullness is the client's backpressure.
-    outgoing: mpsc::Sender<Message>,
+    outgoing: mpsc::Sender<Outgoing>,
     /// The slot reserved for the close frame, taken when the Observer is
     /// created so that a close can be queued even when the client stalls.
-    close_permit: Option<OwnedPermit<Message>>,
+    close_permit: Option<OwnedPermit<Outgoing>>,
     /// Events not yet written and drops not yet reported.
     pending: Pending,
     /// What was written and not yet acknowledged by the client's pongs.
@@ -139,7 +140,7 @@ impl Observer {
         settings: ObserverSettings,
         observable: Addr<Observable>,
         pattern: Option<TopicPattern>,
-        outgoing: mpsc::Sender<Message>,
+        outgoing: mpsc::Sender<Outgoing>,
     ) -> Observer {
         let close_permit = outgoing.clone().try_reserve_owned().ok();
         let now = Instant::now();
@@ -242,10 +243,13 @@ impl Observer {
         let reason = truncate(reason, MAX_CLOSE_REASON);
         self.ended = Some(format!("closed with {}: {reason}", u16::from(code)));
         if let Some(permit) = self.close_permit.take() {
-            permit.send(Message::Close(Some(CloseReason {
-                code,
-                description: Some(reason),
-            })));
+            permit.send(
+                Message::Close(Some(CloseReason {
+                    code,
+                    description: Some(reason),
+                }))
+                .into(),
+            );
         }
         ctx.stop();
     }
@@ -276,10 +280,13 @@ impl Actor for Observer {
         // The service is stopping (nobody asked this session to end): say so.
         if let Some(permit) = self.close_permit.take() {
             if self.ended.is_none() {
-                permit.send(Message::Close(Some(CloseReason {
-                    code: CloseCode::Away,
-                    description: Some("the service is stopping".into()),
-                })));
+                permit.send(
+                    Message::Close(Some(CloseReason {
+                        code: CloseCode::Away,
+                        description: Some("the service is stopping".into()),
+                    }))
+                    .into(),
+                );
                 self.ended = Some("the service is stopping".into());
             }
         }
@@ -310,7 +317,9 @@ impl Handler<Deliver> for Observer {
         if msg.missed > 0 {
             self.pending.missed(msg.missed);
         }
-        let dropped = self.pending.push(&msg.events, self.settings.on_full);
+        let dropped = self
+            .pending
+            .push(&msg.events, &msg.frames, self.settings.on_full);
         if dropped > 0 {
             LiveEventsDropped {
                 stage: DropStage::Observer,
@@ -351,7 +360,8 @@ impl StreamHandler<Result<Frame, ProtocolError>> for Observer {
             Incoming::Ping(payload) => {
                 // Answered when there is room; a client that does not read
                 // does not need its pongs.
-                if let Err(TrySendError::Closed(_)) = self.outgoing.try_send(Message::Pong(payload))
+                if let Err(TrySendError::Closed(_)) =
+                    self.outgoing.try_send(Message::Pong(payload).into())
                 {
                     self.gone(ctx);
                 }

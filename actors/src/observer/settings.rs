@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use actix_http::ws::Message;
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::buffer::OnFull;
@@ -25,9 +26,25 @@ pub const MIN_MAILBOX_EVENTS: usize = 4096;
 /// `lagged` notices, which hold no events.
 pub const MAILBOX_SPARE: usize = 16;
 
+/// What an Observer hands to the HTTP layer for its socket.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A message, for the layer's codec to encode.
+    Message(Message),
+    /// A text frame already encoded, header included: the same bytes go to
+    /// every observer of a delivery (see [`crate::shared_frames`]).
+    Frame(Bytes),
+}
+
+impl From<Message> for Outgoing {
+    fn from(message: Message) -> Self {
+        Outgoing::Message(message)
+    }
+}
+
 /// The channel between an Observer and the HTTP layer that writes to the
 /// socket, with room for [`OUTGOING_FRAMES`] frames and the close frame.
-pub fn outgoing_channel() -> (mpsc::Sender<Message>, mpsc::Receiver<Message>) {
+pub fn outgoing_channel() -> (mpsc::Sender<Outgoing>, mpsc::Receiver<Outgoing>) {
     mpsc::channel(OUTGOING_FRAMES + 1)
 }
 

@@ -7,17 +7,18 @@ use std::time::{Duration, SystemTime};
 use actix_http::ws::Item;
 use bytes::Bytes;
 
-use super::buffer::tests::{json, lagged, numbers};
+use super::buffer::tests::{json, lagged, message, numbers};
 
 use super::*;
 use crate::messages::Publish;
 use crate::observable::tests::event;
 use crate::observable::{CountObservers, LiveEvent};
+use crate::shared_frames::SharedFrames;
 
 /// The client's side of a session under test.
 struct Client {
     /// Frames the Observer wrote for the socket.
-    frames: mpsc::Receiver<Message>,
+    frames: mpsc::Receiver<Outgoing>,
     /// Frames "from the browser".
     send: mpsc::UnboundedSender<Result<Frame, ProtocolError>>,
     /// The Observer.
@@ -48,7 +49,7 @@ fn connect(
     settings: ObserverSettings,
     pattern: Option<&str>,
     stalled: bool,
-) -> (Client, Option<mpsc::Sender<Message>>) {
+) -> (Client, Option<mpsc::Sender<Outgoing>>) {
     let observable = Observable::start_bounded(64);
     let (tx, frames) = outgoing_channel();
     let (send, incoming) = mpsc::unbounded_channel();
@@ -59,7 +60,7 @@ fn connect(
     let observer = Observer::new(settings, observable.clone(), pattern, tx.clone());
     let filler = if stalled {
         for _ in 0..OUTGOING_FRAMES {
-            tx.try_send(Message::Nop).expect("room for filler");
+            tx.try_send(Message::Nop.into()).expect("room for filler");
         }
         Some(tx)
     } else {
@@ -88,6 +89,7 @@ async fn deliver(client: &Client, numbers: impl IntoIterator<Item = u64>, missed
         .addr
         .send(Deliver {
             permit: None,
+            frames: SharedFrames::default(),
             events: live(numbers),
             missed,
         })
@@ -95,9 +97,10 @@ async fn deliver(client: &Client, numbers: impl IntoIterator<Item = u64>, missed
         .expect("observer alive");
 }
 
-/// The next message the Observer wrote, pings included.
+/// The next message the Observer wrote, pings included, as the client
+/// reads it.
 async fn next_raw(client: &mut Client) -> Message {
-    client.frames.recv().await.expect("a frame")
+    message(client.frames.recv().await.expect("a frame"))
 }
 
 /// The next message the Observer wrote that is not a ping; pings are
@@ -151,7 +154,10 @@ async fn a_stalled_client_keeps_the_newest_k_and_is_told_what_it_missed() {
     }
     read_fillers(&mut client).await;
     assert_eq!(lagged(next(&mut client).await), 3);
-    assert_eq!(numbers(next(&mut client).await), [4, 5, 6, 7]);
+    // A frame per delivery (each of one event here).
+    for n in 4..=7 {
+        assert_eq!(numbers(next(&mut client).await), [n]);
+    }
     // Caught up: the next event goes out alone, with no lagged notice.
     deliver(&client, [8], 0).await;
     assert_eq!(numbers(next(&mut client).await), [8]);
@@ -164,7 +170,8 @@ async fn drop_newest_keeps_the_oldest_k() {
     deliver(&client, 4..=7, 0).await;
     read_fillers(&mut client).await;
     assert_eq!(lagged(next(&mut client).await), 3);
-    assert_eq!(numbers(next(&mut client).await), [1, 2, 3, 4]);
+    assert_eq!(numbers(next(&mut client).await), [1, 2, 3]);
+    assert_eq!(numbers(next(&mut client).await), [4]);
 }
 
 #[actix::test]
@@ -183,9 +190,7 @@ async fn frames_are_batched_up_to_the_cap_in_order() {
     let mut settings = quiet(100, OnFull::DropOldest);
     settings.max_events_per_frame = 4;
     let (mut client, _filler) = connect(settings, None, true);
-    for n in 1..=10 {
-        deliver(&client, [n], 0).await;
-    }
+    deliver(&client, 1..=10, 0).await;
     read_fillers(&mut client).await;
     assert_eq!(numbers(next(&mut client).await), [1, 2, 3, 4]);
     assert_eq!(numbers(next(&mut client).await), [5, 6, 7, 8]);
@@ -425,6 +430,7 @@ async fn a_client_that_does_not_acknowledge_is_sent_one_window_at_most() {
         .addr
         .send(Deliver {
             permit: None,
+            frames: SharedFrames::default(),
             events: sized(0..100, 1000, Duration::ZERO),
             missed: 0,
         })
@@ -434,27 +440,45 @@ async fn a_client_that_does_not_acknowledge_is_sent_one_window_at_most() {
     // a quarter of the window) until 10 000 bytes are unacknowledged,
     // then nothing more comes.
     let (mut bytes, mut frames, mut pings) = (0, 0, Vec::new());
+    // Bytes written since the last ping, at each ping and at the end.
+    let (mut run, mut runs) = (0, Vec::new());
     while let Ok(message) =
         tokio::time::timeout(Duration::from_secs(1), next_raw(&mut client)).await
     {
         match message {
             Message::Text(text) => {
                 bytes += text.len();
+                run += text.len();
                 frames += 1;
             }
-            Message::Ping(payload) => pings.push(payload),
+            Message::Ping(payload) => {
+                pings.push(payload);
+                runs.push(std::mem::take(&mut run));
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
+    runs.push(run);
     assert!(
         (10_000..10_000 + 2_500).contains(&bytes),
         "{bytes} bytes written without acknowledgement"
     );
-    assert_eq!(pings.len(), frames, "a ping after each frame");
-    // The pong for the second ping opens room for two more frames.
+    // A ping follows each half window (not each frame): never more than
+    // half a window and one frame between two.
+    assert!(
+        !pings.is_empty() && pings.len() < frames,
+        "{} pings for {frames} frames",
+        pings.len()
+    );
+    assert!(
+        runs.iter().all(|run| *run < 5_000 + 2_500),
+        "bytes between pings: {runs:?}"
+    );
+    // The pong for the first ping opens room for as much again as it
+    // acknowledged, give or take a frame.
     client
         .send
-        .send(Ok(Frame::Pong(pings[1].clone())))
+        .send(Ok(Frame::Pong(pings[0].clone())))
         .expect("open");
     let mut more = 0;
     while let Ok(message) =
@@ -464,9 +488,11 @@ async fn a_client_that_does_not_acknowledge_is_sent_one_window_at_most() {
             more += text.len();
         }
     }
-    // The first two frames were about 4 000 bytes: as much goes again,
-    // give or take a frame.
-    assert!((2_000..6_600).contains(&more), "{more} more bytes");
+    assert!(
+        runs[0] - 2_500 <= more && more <= runs[0] + 2_500,
+        "{more} more bytes after a pong for {}",
+        runs[0]
+    );
 }
 
 #[actix::test]
@@ -480,6 +506,7 @@ async fn a_client_that_reads_but_never_acknowledges_is_closed_as_stalled() {
         .addr
         .send(Deliver {
             permit: None,
+            frames: SharedFrames::default(),
             events: sized(0..100, 1000, Duration::ZERO),
             missed: 0,
         })
@@ -507,6 +534,7 @@ async fn events_too_old_to_show_are_skipped_and_told() {
             .addr
             .send(Deliver {
                 permit: None,
+                frames: SharedFrames::default(),
                 events: sized(events, 100, Duration::from_secs(ago)),
                 missed: 0,
             })
