@@ -220,15 +220,16 @@ impl Pending {
     }
 
     /// The next frame: the `lagged` notice if drops are unreported, else the
-    /// oldest events under `limits`, else nothing. A frame holds events of
-    /// one delivery only.
+    /// oldest events under `limits` (from as many deliveries as fit), else
+    /// nothing.
     ///
-    /// When the oldest events begin one of the frames their delivery split
-    /// into under `shared` (the configured limits, the same for every
-    /// observer) and `shared` is within `limits`, that frame is sent as it
-    /// was built for every observer. Otherwise (events of the delivery were
-    /// dropped or skipped here, or the client's window shrank) the frame is
-    /// built here.
+    /// When that frame is one of the frames the oldest events' delivery was
+    /// split into under `shared` (the configured limits, the same for every
+    /// observer), it is sent as it was built for every observer: the
+    /// client keeps up (the limits are its own, and the delivery is all it
+    /// has, or the frame was cut by the limits). Otherwise (the client is
+    /// behind, events were dropped or skipped here, or its window shrank)
+    /// the frame is built here.
     pub(super) fn next_frame(&mut self, limits: FrameLimits, shared: FrameLimits) -> Option<Frame> {
         if self.unreported > 0 {
             let missed = std::mem::take(&mut self.unreported);
@@ -239,18 +240,21 @@ impl Pending {
                 text_len,
             });
         }
+        let only_run = self.runs.len() == 1;
         let run = self.runs.front_mut()?;
         if shared.within(limits) {
             let partition = run.frames.get_or_build(|| partition(&run.events, shared));
-            let limits_kept = FrameLimits {
+            let same_limits = FrameLimits {
                 max_events: partition.max_events,
                 max_bytes: partition.max_bytes,
-            }
-            .within(limits);
-            if let Some(frame) = partition
-                .frame_at(run.start)
-                .filter(|frame| limits_kept && frame.end <= run.end)
-            {
+            } == limits;
+            // The shared frame is the one built here would be: it starts
+            // here and was cut by the same limits, or it ends the only
+            // delivery buffered (nothing to add to it).
+            let shared_frame = partition.frame_at(run.start).filter(|frame| {
+                same_limits && (frame.end < run.end || (frame.end == run.end && only_run))
+            });
+            if let Some(frame) = shared_frame {
                 run.start = frame.end;
                 self.len -= frame.end - frame.start;
                 let sent = Frame {
@@ -263,17 +267,45 @@ impl Pending {
                 return Some(sent);
             }
         }
-        // Built here: as many of the oldest events as the limits allow.
-        let frame = write_frame(&run.events[run.start..run.end], limits);
-        let n = frame.end;
-        run.start += n;
-        self.len -= n;
-        if run.start == run.end {
-            self.runs.pop_front();
+        // Built here: as many of the oldest events as the limits allow,
+        // from as many deliveries as they fit.
+        let (mut n, mut size) = (0, 0);
+        'count: for run in &self.runs {
+            for event in &run.events[run.start..run.end] {
+                let len = event.json().len() + 1;
+                if n == limits.max_events.max(1) || (n > 0 && size + len > limits.max_bytes) {
+                    break 'count;
+                }
+                n += 1;
+                size += len;
+            }
         }
+        let mut text = String::with_capacity(size + EVENTS_FRAME_OVERHEAD);
+        text.push_str(EVENTS_FRAME_HEAD);
+        let mut left = n;
+        while left > 0 {
+            let Some(run) = self.runs.front_mut() else {
+                break;
+            };
+            let take = left.min(run.len());
+            for event in &run.events[run.start..run.start + take] {
+                if left < n {
+                    text.push(',');
+                }
+                text.push_str(event.json());
+                left -= 1;
+            }
+            run.start += take;
+            if run.start == run.end {
+                self.runs.pop_front();
+            }
+        }
+        self.len -= n;
+        text.push_str(EVENTS_FRAME_TAIL);
+        let text_len = text.len();
         Some(Frame {
-            text_len: frame.text.len(),
-            message: Outgoing::Message(Message::Text(frame.text.into())),
+            message: Outgoing::Message(Message::Text(text.into())),
+            text_len,
         })
     }
 }
@@ -453,7 +485,9 @@ pub(crate) mod tests {
     #[test]
     fn frames_are_capped_in_events_and_in_bytes() {
         let mut pending = Pending::new(100);
-        push(&mut pending, &live(1..=10), OnFull::DropOldest);
+        // Two deliveries: a frame built here takes events of both.
+        push(&mut pending, &live(1..=3), OnFull::DropOldest);
+        push(&mut pending, &live(4..=10), OnFull::DropOldest);
         assert_eq!(
             numbers(own(&mut pending, 4, usize::MAX).expect("frame")),
             [1, 2, 3, 4]
@@ -467,14 +501,6 @@ pub(crate) mod tests {
             [8, 9, 10]
         );
         assert!(own(&mut pending, 100, 1000).is_none());
-        // A frame holds events of one delivery.
-        push(&mut pending, &live(11..=12), OnFull::DropOldest);
-        push(&mut pending, &live(13..=13), OnFull::DropOldest);
-        assert_eq!(
-            numbers(own(&mut pending, 100, 1000).expect("frame")),
-            [11, 12]
-        );
-        assert_eq!(numbers(own(&mut pending, 100, 1000).expect("frame")), [13]);
     }
 
     #[test]
@@ -499,11 +525,7 @@ pub(crate) mod tests {
         assert_eq!(lagged(own(&mut newest, 100, usize::MAX).expect("frame")), 4);
         assert_eq!(
             numbers(own(&mut newest, 100, usize::MAX).expect("frame")),
-            [1, 2, 3]
-        );
-        assert_eq!(
-            numbers(own(&mut newest, 100, usize::MAX).expect("frame")),
-            [4]
+            [1, 2, 3, 4]
         );
     }
 
@@ -563,6 +585,20 @@ pub(crate) mod tests {
             assert!(matches!(frame.message, Outgoing::Frame(_)));
             assert_eq!(numbers(message(frame.message)), expected);
         }
+        // Behind by more than one delivery: its frames take events of both,
+        // as many as fit, rather than the first delivery's short last frame.
+        let later = live(11..=12);
+        let mut two = Pending::new(100);
+        two.push(&events, &frames, OnFull::DropOldest);
+        two.push(&later, &SharedFrames::default(), OnFull::DropOldest);
+        let mut got = Vec::new();
+        while let Some(frame) = two.next_frame(shared, shared) {
+            got.push(numbers(message(frame.message)));
+        }
+        assert_eq!(
+            got,
+            [vec![1, 2, 3, 4], vec![5, 6, 7, 8], vec![9, 10, 11, 12]]
+        );
         // A client whose window shrank takes smaller frames than the shared ones.
         let mut slow = Pending::new(100);
         slow.push(&events, &frames, OnFull::DropOldest);

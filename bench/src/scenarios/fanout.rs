@@ -12,6 +12,11 @@
 //! same cores, the broker), with what the clients got (frames, pings, bytes).
 //!
 //! `BENCH_FANOUT_DRAIN_ONLY=1` runs the saturated comparison alone.
+//! `BENCH_LIVE_NICE=N` renices the service's live threads (the HTTP workers,
+//! where the Observers and their sockets run, and the Observable's thread:
+//! all named `actix-rt|system…`) to `N` in every drain, an experiment: does
+//! giving the live path a lower CPU priority than the datastore path keep
+//! the drain when both want the two cores?
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -203,6 +208,9 @@ async fn saturated(
         None
     };
     let pid = rig.service()?.pid();
+    if let Some(nice) = std::env::var_os("BENCH_LIVE_NICE") {
+        renice_live_threads(pid, &nice.to_string_lossy());
+    }
     let bench_pid = std::process::id();
     let before = (
         clients.as_ref().map(Clients::totals).unwrap_or_default(),
@@ -285,6 +293,25 @@ async fn saturated(
         say("    (most of the backlog was stored before the measurement began: use a larger one)");
     }
     Ok(result)
+}
+
+/// Renices the service's live threads (see the module docs) with
+/// `renice(1)`; says how many.
+fn renice_live_threads(pid: u32, nice: &str) {
+    let live: Vec<String> = thread_cpu(pid)
+        .into_iter()
+        .filter(|(_, name, _)| name.starts_with("actix-rt|system"))
+        .map(|(tid, _, _)| tid.to_string())
+        .collect();
+    let status = std::process::Command::new("renice")
+        .args(["-n", nice, "-p"])
+        .args(&live)
+        .stdout(std::process::Stdio::null())
+        .status();
+    say(format!(
+        "    BENCH_LIVE_NICE: {} live threads reniced to {nice} ({status:?})",
+        live.len()
+    ));
 }
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
