@@ -28,6 +28,7 @@ use crate::event::EventData;
 use crate::history::{History, Since};
 use crate::internal_events::live::{DropStage, LiveEventsDropped, ObserverLagging};
 use crate::messages::{DroppedCopies, LiveBacklog, LivePermit, Publish};
+use crate::shared_frames::SharedFrames;
 use crate::topic::TopicPattern;
 
 /// Identifies one observer (one WebSocket session) for the life of the process.
@@ -255,6 +256,9 @@ pub struct Deliver {
     pub missed: u64,
     /// The events' share of the observer's backlog, given back when handled.
     pub permit: Option<LivePermit>,
+    /// The frames of `events`, built once by the first observer that needs
+    /// them and shared with every other observer handed the same `events`.
+    pub frames: SharedFrames,
 }
 
 /// What the Observable knows about one observer.
@@ -351,6 +355,7 @@ impl Observable {
                 events: Arc::new([]),
                 missed: registration.missed,
                 permit: None,
+                frames: SharedFrames::default(),
             };
             match registration.addr.try_send(notice) {
                 Ok(()) => registration.missed = 0,
@@ -501,8 +506,11 @@ impl Observable {
         if self.observers.is_empty() || (all.is_empty() && missed == 0) {
             return;
         }
-        // One selection per distinct filter, shared by the observers using it.
-        let mut selections: HashMap<Arc<TopicPattern>, Arc<[Arc<LiveEvent>]>> = HashMap::new();
+        // One selection per distinct filter, shared by the observers using
+        // it, with its frames (built once, by the first observer to write them).
+        type Selection = (Arc<[Arc<LiveEvent>]>, SharedFrames);
+        let everything: Selection = (all.clone(), SharedFrames::default());
+        let mut selections: HashMap<Arc<TopicPattern>, Selection> = HashMap::new();
         let mut closed = Vec::new();
         let mut missed_now = 0u64;
         for (id, registration) in &mut self.observers {
@@ -515,15 +523,17 @@ impl Observable {
             if !seen_already {
                 registration.missed += missed;
             }
-            let mut events = match &registration.pattern {
-                None => all.clone(),
+            let (mut events, mut frames) = match &registration.pattern {
+                None => everything.clone(),
                 Some(pattern) => selections
                     .entry(pattern.clone())
                     .or_insert_with(|| {
-                        all.iter()
+                        let events = all
+                            .iter()
                             .filter(|live| pattern.matches(live.routing_key()))
                             .cloned()
-                            .collect()
+                            .collect();
+                        (events, SharedFrames::default())
                     })
                     .clone(),
             };
@@ -538,6 +548,7 @@ impl Observable {
                         .filter(|e| e.position() > through)
                         .cloned()
                         .collect();
+                    frames = SharedFrames::default();
                 }
             }
             if events.is_empty() {
@@ -550,11 +561,13 @@ impl Observable {
                     events,
                     missed: registration.missed,
                     permit: Some(permit),
+                    frames,
                 }),
                 None => Err(SendError::Full(Deliver {
                     events,
                     missed: 0,
                     permit: None,
+                    frames,
                 })),
             };
             match sent {
@@ -637,6 +650,7 @@ impl Handler<SubscribeFrom> for Observable {
             events,
             missed: registration.missed + replay.missed,
             permit,
+            frames: SharedFrames::default(),
         };
         match registration.addr.try_send(deliver) {
             Ok(()) => registration.missed = 0,

@@ -191,7 +191,7 @@ fn process_cpu(pid: u32) -> Option<Duration> {
 }
 
 /// CPU time of the RabbitMQ node (the `beam.smp` process), if readable.
-fn broker_cpu() -> Option<Duration> {
+pub fn broker_cpu() -> Option<Duration> {
     let entries = std::fs::read_dir("/proc").ok()?;
     entries
         .filter_map(Result::ok)
