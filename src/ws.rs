@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use actix::Addr;
 use actix_codec::{Decoder, Encoder};
-use actix_http::ws::{Codec, Frame, Message, ProtocolError};
+use actix_http::ws::{Codec, Frame, ProtocolError};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
@@ -35,7 +35,9 @@ use sluice_actors::history::Since;
 use sluice_actors::internal_events::live::WebSocketRefused;
 use sluice_actors::live_feed::replay::Replays;
 use sluice_actors::observable::Observable;
-use sluice_actors::observer::{outgoing_channel, Observer, ObserverSettings, SessionSlot};
+use sluice_actors::observer::{
+    outgoing_channel, Observer, ObserverSettings, Outgoing, SessionSlot,
+};
 use sluice_actors::topic::{PatternError, TopicPattern};
 use tokio::sync::mpsc;
 
@@ -369,22 +371,28 @@ where
     })
 }
 
-/// Encodes what the Observer writes into the response body; ends when the
-/// Observer is gone (after its close frame, if it sent one).
+/// Encodes what the Observer writes into the response body (frames it
+/// encoded itself, shared with other sessions, go as they are); ends when
+/// the Observer is gone (after its close frame, if it sent one).
 pub fn encode_frames(
-    frames: mpsc::Receiver<Message>,
+    frames: mpsc::Receiver<Outgoing>,
     codec: Codec,
 ) -> impl Stream<Item = Result<Bytes, ProtocolError>> + 'static {
     futures_util::stream::unfold((frames, codec), |(mut frames, mut codec)| async move {
-        let message = frames.recv().await?;
-        let mut buf = BytesMut::new();
-        let encoded = codec.encode(message, &mut buf).map(|()| buf.freeze());
+        let encoded = match frames.recv().await? {
+            Outgoing::Frame(bytes) => Ok(bytes),
+            Outgoing::Message(message) => {
+                let mut buf = BytesMut::new();
+                codec.encode(message, &mut buf).map(|()| buf.freeze())
+            }
+        };
         Some((encoded, (frames, codec)))
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use actix_http::ws::Message;
     use actix_web::test::TestRequest;
 
     use super::*;
@@ -524,14 +532,30 @@ mod tests {
     #[actix_web::test]
     async fn outgoing_messages_are_encoded_and_the_body_ends_with_the_channel() {
         let (tx, rx) = mpsc::channel(4);
-        tx.send(Message::Text("{}".into())).await.expect("open");
+        tx.send(Message::Text("{}".into()).into())
+            .await
+            .expect("open");
+        // A frame the Observer encoded itself goes as it is.
+        let mut shared = BytesMut::new();
+        actix_http::ws::Parser::write_message(
+            &mut shared,
+            b"[]",
+            actix_http::ws::OpCode::Text,
+            true,
+            false,
+        );
+        tx.send(Outgoing::Frame(shared.freeze()))
+            .await
+            .expect("open");
         drop(tx);
         let chunks: Vec<_> = encode_frames(rx, Codec::new()).collect().await;
-        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks.len(), 2);
         let mut client = Codec::new().client_mode();
-        let mut buf = BytesMut::from(&chunks[0].as_ref().expect("encoded")[..]);
-        let frame = client.decode(&mut buf).expect("valid frame");
-        assert!(matches!(frame, Some(Frame::Text(t)) if t.as_ref() == b"{}"));
+        for (chunk, text) in chunks.iter().zip([&b"{}"[..], b"[]"]) {
+            let mut buf = BytesMut::from(&chunk.as_ref().expect("encoded")[..]);
+            let frame = client.decode(&mut buf).expect("valid frame");
+            assert!(matches!(frame, Some(Frame::Text(t)) if t.as_ref() == text));
+        }
     }
 
     /// The handler behind a real server, with a real WebSocket client: events

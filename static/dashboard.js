@@ -186,8 +186,17 @@
       series: [line("mean", GREEN, { fill: fill(GREEN) }), line("p99", AMBER)],
       value: (v) => fmtMs(v),
     },
-    e2e: {
-      series: [line("p50", BLUE, { fill: fill(BLUE) }), line("p99", PURPLE)],
+    // In Sluice (received → committed, → acked) is always measured; end to
+    // end (publish → commit) only for events whose publisher sent the time
+    // in milliseconds (the timestamp_in_ms header): the AMQP timestamp alone
+    // is whole seconds, and a latency from it would be rounding noise.
+    latencies: {
+      series: [
+        line("committed p50", BLUE, { fill: fill(BLUE) }),
+        line("committed p99", PURPLE),
+        line("acked p99", AMBER, { width: 1.5, dash: [4, 4] }),
+        line("end to end p50", GREEN),
+      ],
       value: (v) => fmtMs(v),
     },
     busy: {
@@ -332,9 +341,14 @@
         values.batch = [intervalMean(h.sluice_batch_size_events, hp.sluice_batch_size_events)];
         const ms = (v) => (v === null ? null : v * 1000);
         const writes = [h.sluice_write_duration_seconds, hp.sluice_write_duration_seconds];
-        const e2e = [h.sluice_end_to_end_latency_seconds, hp.sluice_end_to_end_latency_seconds];
         values.latency = [ms(intervalMean(writes[0], writes[1])), ms(intervalQuantile(writes[0], writes[1], 0.99))];
-        values.e2e = [ms(intervalQuantile(e2e[0], e2e[1], 0.5)), ms(intervalQuantile(e2e[0], e2e[1], 0.99))];
+        const q = (name, quantile) => ms(intervalQuantile(h[name], hp[name], quantile));
+        values.latencies = [
+          q("sluice_received_to_committed_seconds", 0.5),
+          q("sluice_received_to_committed_seconds", 0.99),
+          q("sluice_received_to_acked_seconds", 0.99),
+          q("sluice_end_to_end_latency_seconds", 0.5),
+        ];
         values.busy = [rates.busy === null ? null : rates.busy * 100];
       }
     }
@@ -389,11 +403,22 @@
 
     renderLosses(stats);
     renderBroker(stats);
+    renderEndToEnd(stats.latency);
 
     samples += 1;
     body.dataset.statsSamples = String(samples);
     setText("updated", "Updated " + new Date(stats.taken_at_ms).toLocaleTimeString());
     previous = { taken_at_ms: stats.taken_at_ms, stored, received, dead, pipeline: p, histograms: stats.histograms };
+  }
+
+  /** Says what the end-to-end series covers, as /api/stats words it. */
+  function renderEndToEnd(latency) {
+    if (!latency) return;
+    const measured = latency.end_to_end ? latency.end_to_end.count : 0;
+    const leftOut = Object.values(latency.end_to_end_unmeasured || {}).reduce((a, b) => a + b, 0);
+    const state = measured > 0 ? (leftOut > 0 ? "partial" : "measured") : leftOut > 0 ? "unmeasured" : "none";
+    $("chart-latencies").dataset.endToEnd = state;
+    setText("latency-note", "End to end: " + latency.end_to_end_note + ".");
   }
 
   function fillTable(id, rows, highlight) {
@@ -488,11 +513,13 @@
   let missed = 0;
   let paused = false;
   let pausedSkipped = 0;
-  /** When the service received the newest event shown (ms since the epoch). */
-  let newestShownAt = null;
   /** The oldest any event was when it was shown, in ms (this page's clock). */
   let worstShownAgeMs = 0;
-
+  /** How old the newest event of the last batch drawn was when drawn, in ms. */
+  let lastShownAgeMs = null;
+  /** When (this page's clock, ms) events were last drawn, and last told missed. */
+  let lastShownAt = null;
+  let lastLaggedAt = null;
   function payloadText(payload) {
     if (typeof payload === "string") return payload;
     try {
@@ -581,28 +608,70 @@
     }
   }
 
-  // Freshness: how old the newest event shown is, counted from when the
-  // service received it (the service keeps it under WS_MAX_LAG when sent).
-  // Ages use this page's clock against the service's: a skewed clock shifts
-  // them by the skew.
+  // Freshness: how old events were when this page showed them, counted from
+  // when the service received them (the service keeps them under
+  // WS_MAX_LAG when sent). It is the age of the newest event of the last
+  // batch drawn, at the moment it was drawn, so it does not grow while
+  // nothing arrives: after IDLE_AFTER_MS with no events the tile says
+  // "idle" (or "behind" when events were told missed meanwhile, i.e. the
+  // stream is busy but none reached this page). Ages use this page's clock
+  // against the service's: a skewed clock shifts them by the skew.
+  const IDLE_AFTER_MS = 3000;
+
   function noteShown(batch) {
     const now = Date.now();
+    let newest = null;
     for (const event of batch) {
       const at = Date.parse(event.received_at);
       if (!Number.isFinite(at)) continue;
       worstShownAgeMs = Math.max(worstShownAgeMs, now - at);
-      if (newestShownAt === null || at > newestShownAt) newestShownAt = at;
+      if (newest === null || at > newest) newest = at;
     }
+    if (newest === null) return;
+    lastShownAgeMs = Math.max(0, now - newest);
+    lastShownAt = now;
     body.dataset.worstShownAgeMs = String(Math.round(worstShownAgeMs));
     showFreshness();
   }
 
+  function secondsText(ms) {
+    return ms < 10000 ? (ms / 1000).toFixed(1) + " s" : fmt(ms / 1000, 0) + " s";
+  }
+
   function showFreshness() {
-    if (newestShownAt === null) return;
-    const age = Math.max(0, Date.now() - newestShownAt);
-    body.dataset.freshnessMs = String(Math.round(age));
-    setText("v-fresh", age < 10000 ? (age / 1000).toFixed(1) + " s" : fmt(age / 1000, 0) + " s");
-    setText("h-fresh", "worst shown " + (worstShownAgeMs / 1000).toFixed(1) + " s");
+    let state;
+    let value;
+    let hint;
+    const now = Date.now();
+    if (paused) {
+      state = "paused";
+      value = "paused";
+      hint = "the tail is paused";
+    } else if (lastShownAt === null) {
+      state = "none";
+      value = "–";
+      hint = "no events shown yet";
+    } else if (now - lastShownAt < IDLE_AFTER_MS) {
+      state = "fresh";
+      value = secondsText(lastShownAgeMs);
+      hint = "when shown · worst " + secondsText(worstShownAgeMs);
+    } else {
+      const quiet = secondsText(now - lastShownAt);
+      if (lastLaggedAt !== null && lastLaggedAt > lastShownAt) {
+        state = "behind";
+        value = "behind";
+        hint = "missed, none shown " + quiet;
+      } else {
+        state = "idle";
+        value = "idle";
+        hint = "quiet for " + quiet;
+      }
+    }
+    $("tile-fresh").dataset.state = state;
+    body.dataset.freshnessState = state;
+    if (lastShownAgeMs !== null) body.dataset.freshnessMs = String(Math.round(lastShownAgeMs));
+    setText("v-fresh", value);
+    setText("h-fresh", hint);
   }
 
   setInterval(showFreshness, 500);
@@ -619,6 +688,7 @@
   }, 100);
 
   function onLagged(count) {
+    lastLaggedAt = Date.now();
     missed += count;
     body.dataset.missed = String(missed);
     setText("v-missed", fmt(missed, 0));

@@ -12,6 +12,10 @@
 //! showing fresh events and say how many it missed; its screenshot goes to
 //! `target/dashboard-slow-link.png`.
 //!
+//! A third watches "Freshness here" on a quiet stream: it says "idle"
+//! instead of an age that grows with the silence (screenshot
+//! `target/dashboard-idle.png`).
+//!
 //! Chromium and chromedriver come from `scripts/setup.sh --with-browser`.
 //! Without them the test fails and says so; set `SLUICE_SKIP_BROWSER=1` to
 //! skip it deliberately.
@@ -19,12 +23,14 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::browser::{
     number, open_browser, page_state, save_screenshot, wait_accounted, wait_for,
 };
 use fantoccini::Locator;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
 use sluice_testkit::fresh_database;
 
 #[actix_web::test]
@@ -89,6 +95,17 @@ async fn the_dashboard_shows_live_events_and_charts() {
         &format!(
             "document.getElementById('h-stored').textContent.replace(/\\D/g, '') === '{total}'"
         ),
+    )
+    .await;
+    // These publishes carry the AMQP timestamp only (whole seconds): the
+    // latency chart shows the time in Sluice, and says end to end is not
+    // measured instead of plotting rounding.
+    wait_for(
+        &client,
+        "the latency chart has points and says end to end is not measured",
+        "Number(document.getElementById('chart-latencies').dataset.points) > 0 && \
+         document.getElementById('chart-latencies').dataset.endToEnd === 'unmeasured' && \
+         document.getElementById('latency-note').textContent.startsWith('End to end: not measured')",
     )
     .await;
     let rows = number(&client, "document.body.dataset.tailRows").await;
@@ -301,4 +318,129 @@ async fn the_dashboard_behind_a_slow_link_stays_fresh_and_says_what_it_missed() 
     client.close().await.expect("the browser closes");
     drop(link);
     app.cleanup().await;
+}
+
+/// "Freshness here" on a quiet stream: while events arrive it shows how
+/// old they were when shown (under the freshness bound); once nothing has
+/// arrived for a few seconds it says "idle", and the age it shows does not
+/// grow with the silence (it used to: the age of the newest event shown,
+/// counted until now, read as a stale dashboard on a healthy quiet stream).
+/// The events carry `timestamp_in_ms`, so the latency chart says end to
+/// end is measured.
+#[actix_web::test]
+async fn the_freshness_tile_says_idle_on_a_quiet_stream_instead_of_a_growing_age() {
+    /// `WS_MAX_LAG`, the default, plus what a page on a busy machine adds.
+    const FRESH_MS: f64 = 2000.0 + 1000.0;
+
+    let Some(browser) = open_browser().await else {
+        return;
+    };
+    let client = browser.client.clone();
+    let app = common::spawn_app_with(fresh_database().await, &[]).await;
+    client
+        .goto(&format!("{}/", app.service.base_url()))
+        .await
+        .expect("the dashboard loads");
+    wait_for(
+        &client,
+        "the live socket is open",
+        "document.body.dataset.ws === 'open'",
+    )
+    .await;
+
+    // A few events, published the way `sluice load` does.
+    publish_ms(&app, "a").await;
+    wait_for(
+        &client,
+        "the events are shown and the tile gives their age",
+        "Number(document.body.dataset.eventsSeen) >= 10 && document.body.dataset.freshnessState === 'fresh'",
+    )
+    .await;
+    let shown_age = number(&client, "document.body.dataset.freshnessMs").await;
+    assert!(
+        shown_age <= FRESH_MS,
+        "events {shown_age} ms old when shown; {}",
+        page_state(&client).await
+    );
+
+    // Silence: the tile says so, and its age stays what it was when shown.
+    wait_for(
+        &client,
+        "the tile says idle",
+        "document.body.dataset.freshnessState === 'idle' && \
+         document.getElementById('v-fresh').textContent === 'idle'",
+    )
+    .await;
+    let hint = client
+        .find(Locator::Id("h-fresh"))
+        .await
+        .expect("the hint")
+        .text()
+        .await
+        .expect("its text");
+    assert!(hint.starts_with("quiet for "), "{hint}");
+    save_screenshot(&client, "dashboard-idle.png").await;
+    // The silence goes on: nothing grows.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        number(&client, "document.body.dataset.freshnessMs").await,
+        shown_age,
+        "the age when shown does not grow with the silence"
+    );
+    assert_eq!(
+        client
+            .find(Locator::Id("v-fresh"))
+            .await
+            .expect("the value")
+            .text()
+            .await
+            .expect("its text"),
+        "idle"
+    );
+
+    // Events again: fresh again, with their own age.
+    publish_ms(&app, "b").await;
+    wait_for(
+        &client,
+        "the new events are shown and the tile is fresh again",
+        "Number(document.body.dataset.eventsSeen) >= 20 && document.body.dataset.freshnessState === 'fresh'",
+    )
+    .await;
+    let again = number(&client, "document.body.dataset.freshnessMs").await;
+    assert!(again <= FRESH_MS, "events {again} ms old when shown");
+    wait_for(
+        &client,
+        "the latency chart says end to end is measured",
+        "document.getElementById('chart-latencies').dataset.endToEnd === 'measured' && \
+         document.getElementById('latency-note').textContent.startsWith('End to end: measured on every event')",
+    )
+    .await;
+    let state = page_state(&client).await;
+    assert!(!state.contains("jsError"), "a script error: {state}");
+
+    client.close().await.expect("the browser closes");
+    assert_eq!(app.terminate(), Some(0), "a clean exit");
+    app.cleanup().await;
+}
+
+/// Ten events with a `timestamp_in_ms` header, as `sluice load` sends them.
+async fn publish_ms(app: &common::TestApp, tag: &str) {
+    for i in 0..10 {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis();
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "timestamp_in_ms".into(),
+            AMQPValue::LongLongInt(i64::try_from(ms).expect("ms fit")),
+        );
+        let props = BasicProperties::default()
+            .with_message_id(format!("{tag}-{i}").into())
+            .with_headers(headers);
+        app.publisher
+            .publish(&app.prefix, "quiet.x", br#"{"quiet":true}"#, props)
+            .await
+            .expect("the broker confirms");
+    }
 }

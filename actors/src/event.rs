@@ -41,7 +41,9 @@ pub struct EventData {
     pub payload: String,
     /// The AMQP headers as a JSON object (`{}` when there are none).
     pub headers: String,
-    /// The AMQP `timestamp` property (seconds since the epoch), if set.
+    /// When the message was published, if the publisher said: the
+    /// `timestamp_in_ms` header, else the AMQP `timestamp` property (whole
+    /// seconds). [`EventData::publish_time`] tells which.
     pub published_at: Option<SystemTime>,
     /// When Sluice received the delivery.
     pub received_at: SystemTime,
@@ -263,26 +265,67 @@ impl EventData {
     }
 }
 
-/// When the message was published: the `timestamp_in_ms` header (set by
-/// RabbitMQ's message-timestamp plugin, and by `sluice load`) when present,
-/// for millisecond precision, else the AMQP `timestamp` property (seconds).
-fn published_at(properties: &BasicProperties) -> Option<SystemTime> {
-    let millis = properties.headers().as_ref().and_then(|headers| {
-        match headers.inner().get("timestamp_in_ms")? {
-            AMQPValue::LongLongInt(ms) => u64::try_from(*ms).ok(),
-            AMQPValue::LongInt(ms) => u64::try_from(*ms).ok(),
-            AMQPValue::LongUInt(ms) => Some(u64::from(*ms)),
-            AMQPValue::Timestamp(ms) => Some(*ms),
-            _ => None,
-        }
-    });
-    // `checked_add`: a publisher's absurd timestamp must not crash the reader.
-    match millis {
-        Some(ms) => UNIX_EPOCH.checked_add(Duration::from_millis(ms)),
-        None => properties
-            .timestamp()
-            .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs))),
+/// When a message was published, and how precisely the publisher said so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishTime {
+    /// The `timestamp_in_ms` header (milliseconds since the epoch, as set by
+    /// RabbitMQ's message-timestamp plugin and by `sluice load`): precise
+    /// enough to measure a latency in milliseconds against.
+    Millis(SystemTime),
+    /// Only the AMQP `timestamp` property, which is whole seconds (what
+    /// pika, amqplib, Spring AMQP and most clients send): the message was
+    /// published up to a second after it, so no latency is computed from it.
+    Seconds(SystemTime),
+    /// No timestamp, or one that is not a representable time.
+    Unknown,
+}
+
+impl PublishTime {
+    /// Reads the publish time from a message's properties: the
+    /// `timestamp_in_ms` header when present, else the AMQP `timestamp`.
+    pub fn of(properties: &BasicProperties) -> PublishTime {
+        let millis = properties.headers().as_ref().and_then(|headers| {
+            match headers.inner().get("timestamp_in_ms")? {
+                AMQPValue::LongLongInt(ms) => u64::try_from(*ms).ok(),
+                AMQPValue::LongInt(ms) => u64::try_from(*ms).ok(),
+                AMQPValue::LongUInt(ms) => Some(u64::from(*ms)),
+                AMQPValue::Timestamp(ms) => Some(*ms),
+                _ => None,
+            }
+        });
+        // `checked_add`: a publisher's absurd timestamp must not crash the reader.
+        let time = match millis {
+            Some(ms) => UNIX_EPOCH
+                .checked_add(Duration::from_millis(ms))
+                .map(PublishTime::Millis),
+            None => properties
+                .timestamp()
+                .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+                .map(PublishTime::Seconds),
+        };
+        time.unwrap_or(PublishTime::Unknown)
     }
+
+    /// The time, whatever its precision.
+    pub fn at(self) -> Option<SystemTime> {
+        match self {
+            PublishTime::Millis(at) | PublishTime::Seconds(at) => Some(at),
+            PublishTime::Unknown => None,
+        }
+    }
+}
+
+impl EventData {
+    /// When the event was published, and how precisely (read again from
+    /// the properties: a header lookup, cheap beside the write it follows).
+    pub fn publish_time(&self) -> PublishTime {
+        PublishTime::of(&self.properties)
+    }
+}
+
+/// When the message was published, whatever the precision (see [`PublishTime`]).
+fn published_at(properties: &BasicProperties) -> Option<SystemTime> {
+    PublishTime::of(properties).at()
 }
 
 /// The idempotency key of a message published without a `message_id`:
@@ -408,6 +451,41 @@ mod tests {
             Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),
             "timestamp_in_ms wins over the seconds of the AMQP timestamp"
         );
+        assert_eq!(
+            data.publish_time(),
+            PublishTime::Millis(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
+        );
+    }
+
+    #[test]
+    fn the_publish_time_says_how_precise_it_is() {
+        let seconds = check(
+            b"{}",
+            BasicProperties::default().with_timestamp(1_600_000_000),
+        )
+        .expect("accepted");
+        assert_eq!(
+            seconds.publish_time(),
+            PublishTime::Seconds(UNIX_EPOCH + Duration::from_secs(1_600_000_000)),
+            "the AMQP timestamp alone is whole seconds"
+        );
+        let none = check(b"{}", BasicProperties::default()).expect("accepted");
+        assert_eq!(none.publish_time(), PublishTime::Unknown);
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "timestamp_in_ms".into(),
+            AMQPValue::LongString("soon".into()),
+        );
+        let odd = BasicProperties::default()
+            .with_timestamp(1_600_000_000)
+            .with_headers(headers);
+        assert!(
+            matches!(
+                check(b"{}", odd).expect("accepted").publish_time(),
+                PublishTime::Seconds(_)
+            ),
+            "a header that is not a number is not milliseconds"
+        );
     }
 
     #[test]
@@ -438,5 +516,6 @@ mod tests {
         let properties = BasicProperties::default().with_timestamp(u64::MAX);
         let data = check(b"{}", properties).expect("accepted");
         assert_eq!(data.published_at, None);
+        assert_eq!(data.publish_time(), PublishTime::Unknown);
     }
 }

@@ -11,7 +11,8 @@
 //! - [`store`]: the `Store` trait and its PostgreSQL implementation.
 //! - [`mapped_store`]: a `Store` writing into the user's own table through a
 //!   [`mapped_store::TableMapping`].
-//! - [`observable`], [`observer`], [`topic`]: the live path to WebSocket clients.
+//! - [`observable`], [`observer`], [`topic`]: the live path to WebSocket clients;
+//!   [`shared_frames`]: frames built once for every observer of a selection.
 //! - [`tls`]: connecting to the broker (`amqp://`, `amqps://`), and naming
 //!   the cause of a failed TLS handshake; [`redact`]: passwords out of URLs.
 //! - [`history`]: the ring of recent events by position, for clients that resume.
@@ -34,6 +35,7 @@ pub mod observer;
 pub mod queue;
 pub mod redact;
 pub mod settlement;
+pub mod shared_frames;
 pub mod store;
 pub mod tap;
 pub mod tls;

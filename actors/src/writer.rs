@@ -20,7 +20,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::event::{DeadLetter, DeadReason, Event};
 use crate::internal_events::datastore::{
-    BatchCommitted, DatabaseRecovered, DatabaseRetry, EndToEndLatency, WritesHeld, WritesResumed,
+    BatchCommitted, Committed, DatabaseRecovered, DatabaseRetry, WritesHeld, WritesResumed,
 };
 use crate::messages::{Batch, BatchOutcome, Settle, WriterReady};
 use crate::store::{Store, StoreError};
@@ -167,9 +167,9 @@ impl Handler<Batch> for Writer {
                         continue;
                     }
                     stored.extend(event.deliveries());
-                    committed.push(event.data.published_at.unwrap_or(event.data.received_at));
+                    committed.push(event.data.as_ref());
                 }
-                EndToEndLatency { since: committed }.emit();
+                Committed { events: committed }.emit();
                 BatchCommitted {
                     events: events.len() - dead_events,
                     inserted,

@@ -106,6 +106,9 @@ pub struct Scale {
     pub fanout_window: Duration,
     /// Backlog stored with and without clients in the fan-out (0: skip).
     pub fanout_drain_messages: u64,
+    /// Rounds of that comparison (without and with clients, alternating
+    /// which goes first); the headline is the median round.
+    pub fanout_drain_rounds: usize,
 }
 
 impl Scale {
@@ -127,7 +130,8 @@ impl Scale {
             fanout_stalled: 20,
             fanout_rate: 1000.0,
             fanout_window: Duration::from_secs(15),
-            fanout_drain_messages: 60_000,
+            fanout_drain_messages: 100_000,
+            fanout_drain_rounds: 3,
         }
     }
 
@@ -150,6 +154,7 @@ impl Scale {
             fanout_rate: 200.0,
             fanout_window: Duration::from_secs(2),
             fanout_drain_messages: 20_000,
+            fanout_drain_rounds: 1,
         }
     }
 
@@ -172,6 +177,7 @@ impl Scale {
             fanout_rate: 50.0,
             fanout_window: Duration::from_millis(800),
             fanout_drain_messages: 1_000,
+            fanout_drain_rounds: 1,
         }
     }
 }
@@ -318,7 +324,7 @@ pub struct BatchSizes {
 }
 
 /// The fan-out.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct FanoutResult {
     /// Clients connected, and how many never read.
     pub clients: usize,
@@ -342,16 +348,57 @@ pub struct FanoutResult {
     pub delivered_max: u64,
     /// `missed` reported to the reading clients, all added up.
     pub missed_fast: u64,
-    /// Storing rate of a saturated service (a backlog) without and with the clients (msgs/s), if run.
+    /// Storing rate of a saturated service (a backlog) without and with the
+    /// clients (msgs/s), in the median round, if run.
     pub drain_without: Option<f64>,
     /// See `drain_without`.
     pub drain_with: Option<f64>,
+    /// Every round of the saturated comparison: (without, with) clients.
+    pub drain_rounds: Vec<(SaturatedDrain, SaturatedDrain)>,
     /// The service's peak RSS, MB.
     pub peak_rss_mb: Option<f64>,
     /// A client reading one frame every 50 ms beside the others.
     pub slow_reader: SlowClient,
     /// A client reading as fast as it can behind a 50 KB/s link.
     pub slow_link: SlowClient,
+}
+
+/// One backlog drained by a saturated service, with or without clients
+/// reading `/ws` (the fan-out's saturated comparison).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SaturatedDrain {
+    /// WebSocket clients connected (and how many of them read).
+    pub clients: usize,
+    /// See `clients`.
+    pub reading: usize,
+    /// Events stored while measured.
+    pub events: u64,
+    /// Storing rate, msgs/s.
+    pub rate: f64,
+    /// Wall time measured, seconds.
+    pub seconds: f64,
+    /// The service's CPU per event stored, µs (`/proc/<pid>/stat`).
+    pub service_cpu_us: Option<f64>,
+    /// The benchmark process's CPU per event stored, µs: its clients
+    /// reading and answering pings, plus its row polling.
+    pub bench_cpu_us: Option<f64>,
+    /// The broker's (`beam.smp`) CPU per event stored, µs, if readable.
+    pub broker_cpu_us: Option<f64>,
+    /// The service's threads' busy shares over the drain.
+    pub threads: String,
+    /// What the reading clients got, all added up: frames of events,
+    /// `lagged` frames, pings, bytes of text, events, and events told missed.
+    pub frames: u64,
+    /// See `frames`.
+    pub lagged_frames: u64,
+    /// See `frames`.
+    pub pings: u64,
+    /// See `frames`.
+    pub bytes: u64,
+    /// See `frames`.
+    pub delivered: u64,
+    /// See `frames`.
+    pub missed: u64,
 }
 
 /// What a client slower than the stream saw in the fan-out (issue 9).

@@ -94,6 +94,11 @@ fn fanout_counts_deliveries() {
     let f = r.fanout.expect("fanout result");
     assert!(f.published > 0 && f.delivered_max > 0, "{f:?}");
     assert!(f.drain_with.is_some() && f.drain_without.is_some(), "{f:?}");
+    let (without, with) = f.drain_rounds.first().expect("a saturated round");
+    assert_eq!((without.clients, with.clients), (0, f.clients), "{f:?}");
+    // At these sizes the backlog may be stored before the clients are
+    // connected, so only that the CPU was read is checked.
+    assert!(with.service_cpu_us.is_some(), "CPU measured: {with:?}");
 }
 
 #[test]

@@ -7,7 +7,9 @@
 //!
 //! On top of the raw figures, [`Pipeline`] derives what an operator asks
 //! first: how full the queue and the prefetch window are, how many writers are
-//! busy, and where the pipeline is waiting ([`WaitingOn`]).
+//! busy, and where the pipeline is waiting ([`WaitingOn`]); [`Latency`] puts
+//! the latency figures side by side and says what the end-to-end one leaves
+//! out (events whose publisher sent whole-second timestamps, or none).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -33,6 +35,8 @@ pub struct Snapshot {
     pub histograms: BTreeMap<String, HistogramSnapshot>,
     /// Figures derived for the dashboard.
     pub pipeline: Pipeline,
+    /// The latency figures, and what they leave out.
+    pub latency: Latency,
     /// The instance these figures are from (`INSTANCE_NAME`): the value of
     /// the `sluice_instance` label every series carries in `/metrics`. That
     /// label is left out of the series keys here, since it is the same on
@@ -116,6 +120,43 @@ pub struct Pipeline {
     pub conditions: Vec<WaitingOn>,
 }
 
+/// The latency figures since start, in seconds. Quantiles are estimated
+/// from the histogram's buckets (see `telemetry.rs` for their widths); the
+/// mean is exact.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Latency {
+    /// From when Sluice read a delivery to when its row was committed, per
+    /// event: the part Sluice controls, measured on its own clock. `None`
+    /// until something was committed.
+    pub received_to_committed: Option<Figures>,
+    /// From when Sluice read a delivery to when the ack covering it was
+    /// handed to the broker connection, per delivery.
+    pub received_to_acked: Option<Figures>,
+    /// From the publish time in the `timestamp_in_ms` header to the commit,
+    /// per event that carried one. `None` when no event did: the AMQP
+    /// `timestamp` alone is whole seconds, too coarse for a latency.
+    pub end_to_end: Option<Figures>,
+    /// Events committed and left out of `end_to_end`, by why: `seconds`
+    /// (only the AMQP timestamp), `none` (no timestamp), `ahead` (published
+    /// after it was committed, by the publisher's clock).
+    pub end_to_end_unmeasured: BTreeMap<String, f64>,
+    /// What `end_to_end` covers, or why there is none, in a sentence.
+    pub end_to_end_note: String,
+}
+
+/// One latency histogram, summed up (seconds).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Figures {
+    /// Observations.
+    pub count: f64,
+    /// Exact: the sum of the observations over their count.
+    pub mean: Option<f64>,
+    /// The median, estimated from the buckets.
+    pub p50: Option<f64>,
+    /// The 99th percentile, estimated from the buckets.
+    pub p99: Option<f64>,
+}
+
 /// `GET /api/stats`.
 pub async fn stats(handle: web::Data<PrometheusHandle>) -> HttpResponse {
     let taken_at_ms = SystemTime::now()
@@ -186,12 +227,14 @@ impl Snapshot {
         // Anything else untyped is shown as a gauge rather than hidden.
         gauges.extend(untyped);
         let pipeline = Pipeline::derive(&gauges, &histograms);
+        let latency = Latency::derive(&counters, &histograms);
         Ok(Snapshot {
             taken_at_ms,
             counters,
             gauges,
             histograms,
             pipeline,
+            latency,
             instance,
         })
     }
@@ -317,6 +360,80 @@ impl Pipeline {
             waiting_on: conditions.first().copied().unwrap_or(WaitingOn::Nothing),
             conditions,
         }
+    }
+}
+
+impl Latency {
+    fn derive(
+        counters: &BTreeMap<String, f64>,
+        histograms: &BTreeMap<String, HistogramSnapshot>,
+    ) -> Latency {
+        use sluice_actors::internal_events::datastore::{
+            END_TO_END, END_TO_END_UNMEASURED, RECEIVED_TO_ACKED, RECEIVED_TO_COMMITTED,
+        };
+        let figures = |name: &str| {
+            histograms
+                .get(name)
+                .filter(|h| h.count > 0.0)
+                .map(|h| Figures {
+                    count: h.count,
+                    mean: h.mean,
+                    p50: h.p50,
+                    p99: h.p99,
+                })
+        };
+        let prefix = format!("{END_TO_END_UNMEASURED}{{publish_time=\"");
+        let unmeasured: BTreeMap<String, f64> = counters
+            .iter()
+            .filter_map(|(key, value)| {
+                let why = key.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+                Some((why.to_owned(), *value))
+            })
+            .collect();
+        let end_to_end = figures(END_TO_END);
+        let end_to_end_note = end_to_end_note(end_to_end.map_or(0.0, |f| f.count), &unmeasured);
+        Latency {
+            received_to_committed: figures(RECEIVED_TO_COMMITTED),
+            received_to_acked: figures(RECEIVED_TO_ACKED),
+            end_to_end,
+            end_to_end_unmeasured: unmeasured,
+            end_to_end_note,
+        }
+    }
+}
+
+/// What the end-to-end figure covers, for people.
+fn end_to_end_note(measured: f64, unmeasured: &BTreeMap<String, f64>) -> String {
+    let count = |why: &str| unmeasured.get(why).copied().unwrap_or(0.0);
+    let left_out: f64 = unmeasured.values().sum();
+    let mut why = Vec::new();
+    for (key, text) in [
+        ("seconds", "only the AMQP timestamp, which is whole seconds"),
+        ("none", "no timestamp"),
+        (
+            "ahead",
+            "a publish time after their commit (the publisher's clock is ahead)",
+        ),
+    ] {
+        if count(key) > 0.0 {
+            why.push(format!("{} had {text}", count(key)));
+        }
+    }
+    let why = why.join(", ");
+    if measured == 0.0 && left_out == 0.0 {
+        "nothing committed yet".to_owned()
+    } else if measured == 0.0 {
+        format!(
+            "not measured: {why}; publish with a timestamp_in_ms header \
+             (milliseconds since the epoch) for an end-to-end figure"
+        )
+    } else if left_out > 0.0 {
+        format!(
+            "measured on the {measured} events with a timestamp_in_ms header; \
+             left out: {why}"
+        )
+    } else {
+        "measured on every event (timestamp_in_ms header)".to_owned()
     }
 }
 
@@ -507,6 +624,66 @@ sluice_write_duration_seconds_count{sluice_instance="web-2"} 4
         let text = "# TYPE sluice_writers gauge\nsluice_writers 4\n\
                     # TYPE sluice_writers_busy gauge\nsluice_writers_busy 4\n";
         assert_eq!(snapshot(text).pipeline.waiting_on, WaitingOn::Writers);
+    }
+
+    #[test]
+    fn whole_second_publishers_get_no_end_to_end_figure_and_are_told_why() {
+        let text = r#"# TYPE sluice_received_to_committed_seconds histogram
+sluice_received_to_committed_seconds_bucket{le="0.002"} 3
+sluice_received_to_committed_seconds_bucket{le="0.003"} 5
+sluice_received_to_committed_seconds_bucket{le="+Inf"} 5
+sluice_received_to_committed_seconds_sum 0.01
+sluice_received_to_committed_seconds_count 5
+
+# TYPE sluice_end_to_end_unmeasured_events_total counter
+sluice_end_to_end_unmeasured_events_total{publish_time="seconds"} 4
+sluice_end_to_end_unmeasured_events_total{publish_time="none"} 1
+"#;
+        let latency = snapshot(text).latency;
+        let committed = latency.received_to_committed.expect("measured");
+        assert_eq!((committed.count, committed.mean), (5.0, Some(0.002)));
+        assert_eq!(latency.received_to_acked, None);
+        assert_eq!(latency.end_to_end, None, "no figure from whole seconds");
+        assert_eq!(latency.end_to_end_unmeasured["seconds"], 4.0);
+        assert_eq!(latency.end_to_end_unmeasured["none"], 1.0);
+        let note = &latency.end_to_end_note;
+        assert!(
+            note.starts_with("not measured: 4 had only the AMQP timestamp"),
+            "{note}"
+        );
+        assert!(
+            note.contains("1 had no timestamp") && note.contains("timestamp_in_ms"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn millisecond_publishers_get_an_end_to_end_figure() {
+        let text = r#"# TYPE sluice_end_to_end_latency_seconds histogram
+sluice_end_to_end_latency_seconds_bucket{le="0.004"} 2
+sluice_end_to_end_latency_seconds_bucket{le="+Inf"} 2
+sluice_end_to_end_latency_seconds_sum 0.006
+sluice_end_to_end_latency_seconds_count 2
+"#;
+        let latency = snapshot(text).latency;
+        assert_eq!(latency.end_to_end.map(|f| f.count), Some(2.0));
+        assert_eq!(
+            latency.end_to_end_note,
+            "measured on every event (timestamp_in_ms header)"
+        );
+        let mixed = format!(
+            "{text}\n# TYPE sluice_end_to_end_unmeasured_events_total counter\n\
+             sluice_end_to_end_unmeasured_events_total{{publish_time=\"seconds\"}} 3\n"
+        );
+        let note = snapshot(&mixed).latency.end_to_end_note;
+        assert!(
+            note.starts_with("measured on the 2 events with a timestamp_in_ms header; left out: 3"),
+            "{note}"
+        );
+        assert_eq!(
+            snapshot("").latency.end_to_end_note,
+            "nothing committed yet"
+        );
     }
 
     #[test]

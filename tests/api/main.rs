@@ -7,5 +7,6 @@ mod common;
 mod datastore;
 mod faults;
 mod helpers;
+mod latency;
 mod overload;
 mod startup;

@@ -101,9 +101,12 @@ async fn topic_filters_select_events_and_can_be_switched() {
     let mut client = app.connect("?topic=test.1").await;
     client.sync().await;
 
-    app.publish("topic", 0..100, 0).await;
+    // Each batch ends with an event the current filter matches, so once the
+    // client has it, no event of the batch is still on its way when the
+    // filter changes (one in flight may match either filter).
+    app.publish("topic", 0..92, 0).await;
     let events = client.events(10).await;
-    assert_eq!(seqs(&events), (1..100).step_by(10).collect::<Vec<_>>());
+    assert_eq!(seqs(&events), (1..92).step_by(10).collect::<Vec<_>>());
     assert!(events.iter().all(|e| e.routing_key == "test.1"));
 
     client
@@ -112,9 +115,9 @@ async fn topic_filters_select_events_and_can_be_switched() {
         ))
         .await;
     client.sync().await;
-    app.publish("topic", 100..200, 0).await;
+    app.publish("topic", 100..193, 0).await;
     let events = client.events(10).await;
-    assert_eq!(seqs(&events), (102..200).step_by(10).collect::<Vec<_>>());
+    assert_eq!(seqs(&events), (102..193).step_by(10).collect::<Vec<_>>());
     assert!(events.iter().all(|e| e.routing_key == "test.2"));
 
     // `#` matches every key again.
@@ -129,7 +132,7 @@ async fn topic_filters_select_events_and_can_be_switched() {
         seqs(&client.events(20).await),
         (200..220).collect::<Vec<_>>()
     );
-    app.wait_rows(220).await;
+    app.wait_rows(92 + 93 + 20).await;
     app.cleanup().await;
 }
 

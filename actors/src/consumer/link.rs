@@ -2,7 +2,7 @@
 //! to consume, and the counters the reader and the actor share.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
@@ -11,7 +11,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use super::acker::Acker;
+use super::acker::{Acker, ReceivedTimes};
 use super::{ConsumerSettings, Topology};
 use crate::event::DeadReason;
 
@@ -24,6 +24,9 @@ pub(super) struct Window {
     pub(super) delivered: AtomicU64,
     /// Deliveries settled.
     pub(super) settled: AtomicU64,
+    /// When the unacked deliveries were read (noted by the reader, taken by
+    /// the acker once they are acked).
+    pub(super) received: Arc<Mutex<ReceivedTimes>>,
 }
 
 impl Window {
@@ -178,14 +181,15 @@ pub(super) async fn open(
         )
         .await
         .map_err(|e| format!("cannot consume {}: {e}", t.ingest))?;
+    let window = Arc::new(Window::default());
     let link = Link {
-        acker: Acker::start(channel.clone()),
+        acker: Acker::start(channel.clone(), window.received.clone()),
         generation,
         connection,
         channel,
         dead_channel,
         consumer_tag,
-        window: Arc::new(Window::default()),
+        window,
     };
     Ok((link, stream))
 }

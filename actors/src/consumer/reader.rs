@@ -30,6 +30,7 @@ pub(super) async fn read(
     while let Some(items) = chunks.next().await {
         let idle = waiting.elapsed();
         let received_at = SystemTime::now();
+        let read_before = window.delivered.load(Ordering::Relaxed);
         let mut events = Vec::with_capacity(items.len());
         let mut dead = Vec::new();
         let mut through = None;
@@ -79,6 +80,15 @@ pub(super) async fn read(
                     properties: refused.properties,
                 }),
             }
+        }
+        // For the received → acked figure (see the acker).
+        let last_tag = window.delivered.load(Ordering::Relaxed);
+        if last_tag > read_before {
+            window
+                .received
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .read(last_tag, received_at);
         }
         InFlight {
             unacked: window.in_flight(),

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use metrics::{counter, gauge, histogram};
 
-use crate::event::DeadReason;
+use crate::event::{DeadReason, EventData, PublishTime};
 
 /// A chunk of deliveries arrived from the broker.
 #[derive(Debug)]
@@ -44,26 +44,110 @@ impl BatchCommitted {
     }
 }
 
-/// Time from publication (AMQP timestamp, else receipt) to commit, one
-/// observation per event of a committed batch.
+/// A batch's events were committed: how long each took from receipt to
+/// commit, and from publication to commit when its publisher said when to
+/// the millisecond. One clock read and one registry lookup per figure per
+/// batch, not per event.
+///
+/// - `sluice_received_to_committed_seconds`: from the moment Sluice read the
+///   delivery to the moment the commit returned. Always measured: both ends
+///   are Sluice's own clock.
+/// - `sluice_end_to_end_latency_seconds`: from the `timestamp_in_ms` header
+///   to the commit. Only for events that carry it: the AMQP `timestamp`
+///   alone is whole seconds, and a latency measured from it would be
+///   rounding noise of up to a second.
+/// - `sluice_end_to_end_unmeasured_events_total{publish_time}`: the events
+///   left out of the end-to-end figure, by why: `seconds` (the AMQP
+///   `timestamp` only), `none` (no timestamp) or `ahead` (a publish time
+///   after the commit: the publisher's clock is ahead of this one).
 #[derive(Debug)]
-pub struct EndToEndLatency<I> {
-    /// When each event was published, or received when the publisher set no
-    /// timestamp.
-    pub since: I,
+pub struct Committed<I> {
+    /// The events of the batch that were stored (dead letters left out).
+    pub events: I,
 }
 
-impl<I: IntoIterator<Item = SystemTime>> EndToEndLatency<I> {
-    /// One registry lookup and one clock read per batch, not per event.
+impl<'a, I: IntoIterator<Item = &'a EventData>> Committed<I> {
     pub fn emit(self) {
         let now = SystemTime::now();
-        let latency = histogram!("sluice_end_to_end_latency_seconds");
-        for since in self.since {
-            if let Ok(elapsed) = now.duration_since(since) {
-                latency.record(elapsed.as_secs_f64());
+        let in_sluice = histogram!(RECEIVED_TO_COMMITTED);
+        let mut end_to_end = None;
+        let (mut seconds, mut none, mut ahead) = (0u64, 0u64, 0u64);
+        for event in self.events {
+            if let Ok(elapsed) = now.duration_since(event.received_at) {
+                in_sluice.record(elapsed.as_secs_f64());
+            }
+            match event.publish_time() {
+                PublishTime::Millis(at) => match now.duration_since(at) {
+                    Ok(elapsed) => end_to_end
+                        .get_or_insert_with(|| histogram!(END_TO_END))
+                        .record(elapsed.as_secs_f64()),
+                    Err(_) => ahead += 1,
+                },
+                PublishTime::Seconds(_) => seconds += 1,
+                PublishTime::Unknown => none += 1,
+            }
+        }
+        for (why, count) in [("seconds", seconds), ("none", none), ("ahead", ahead)] {
+            if count > 0 {
+                counter!(END_TO_END_UNMEASURED, "publish_time" => why).increment(count);
             }
         }
     }
+}
+
+/// Receipt to commit, per event (seconds).
+pub const RECEIVED_TO_COMMITTED: &str = "sluice_received_to_committed_seconds";
+/// Receipt to ack, per delivery (seconds).
+pub const RECEIVED_TO_ACKED: &str = "sluice_received_to_acked_seconds";
+/// Publish (`timestamp_in_ms`) to commit, per event (seconds).
+pub const END_TO_END: &str = "sluice_end_to_end_latency_seconds";
+/// Events left out of [`END_TO_END`], by `publish_time`.
+pub const END_TO_END_UNMEASURED: &str = "sluice_end_to_end_unmeasured_events_total";
+
+/// Deliveries were acked: the ack covering them was handed to the broker
+/// connection. `received` holds, for each group of deliveries read
+/// together, when they were read and how many of them this ack covers.
+#[derive(Debug)]
+pub struct Acked<I> {
+    pub received: I,
+}
+
+impl<I: IntoIterator<Item = (SystemTime, usize)>> Acked<I> {
+    pub fn emit(self) {
+        let now = SystemTime::now();
+        let latency = histogram!(RECEIVED_TO_ACKED);
+        for (at, count) in self.received {
+            if let Ok(elapsed) = now.duration_since(at) {
+                latency.record_many(elapsed.as_secs_f64(), count);
+            }
+        }
+    }
+}
+
+/// Gives the latency figures their help text in `/metrics` (`# HELP`),
+/// which says what each measures and what it leaves out. Call once, after
+/// the recorder is installed.
+pub fn describe_latencies() {
+    use metrics::{describe_counter, describe_histogram, Unit};
+    describe_histogram!(
+        RECEIVED_TO_COMMITTED,
+        Unit::Seconds,
+        "Per event: from when Sluice read the delivery to when its row was committed (Sluice's own clock at both ends)."
+    );
+    describe_histogram!(
+        RECEIVED_TO_ACKED,
+        Unit::Seconds,
+        "Per delivery: from when Sluice read it to when the ack covering it was handed to the broker connection."
+    );
+    describe_histogram!(
+        END_TO_END,
+        Unit::Seconds,
+        "Per event: from the publish time in its timestamp_in_ms header (milliseconds, the publisher's clock) to the commit. Events with only the AMQP timestamp (whole seconds) or none are not measured: see sluice_end_to_end_unmeasured_events_total."
+    );
+    describe_counter!(
+        END_TO_END_UNMEASURED,
+        "Events committed but left out of sluice_end_to_end_latency_seconds, by publish_time: seconds (AMQP timestamp only, whole seconds), none (no timestamp), ahead (publish time after the commit: clocks disagree)."
+    );
 }
 
 /// Messages were dead-lettered: the broker confirmed them on the dead-letter

@@ -23,6 +23,7 @@ use crate::history::Replay;
 use crate::internal_events::live::{DropStage, LiveEventsDropped, ObserverLagging};
 use crate::live_event::LiveEvent;
 use crate::messages::LiveBacklog;
+use crate::shared_frames::SharedFrames;
 use crate::topic::TopicPattern;
 
 /// What the Observable knows about one observer.
@@ -117,6 +118,7 @@ impl Registry {
                 events: Arc::new([]),
                 missed: registration.missed,
                 permit: None,
+                frames: SharedFrames::default(),
             };
             match registration.addr.try_send(notice) {
                 Ok(()) => registration.missed = 0,
@@ -146,6 +148,7 @@ impl Registry {
             events,
             missed: registration.missed + replay.missed,
             permit,
+            frames: SharedFrames::default(),
         };
         match registration.addr.try_send(deliver) {
             Ok(()) => registration.missed = 0,
@@ -162,8 +165,11 @@ impl Registry {
         if self.observers.is_empty() || (all.is_empty() && missed == 0) {
             return;
         }
-        // One selection per distinct filter, shared by the observers using it.
-        let mut selections: HashMap<Arc<TopicPattern>, Arc<[Arc<LiveEvent>]>> = HashMap::new();
+        // One selection per distinct filter, shared by the observers using
+        // it, with its frames (built once, by the first observer to write them).
+        type Selection = (Arc<[Arc<LiveEvent>]>, SharedFrames);
+        let everything: Selection = (all.clone(), SharedFrames::default());
+        let mut selections: HashMap<Arc<TopicPattern>, Selection> = HashMap::new();
         let mut closed = Vec::new();
         let mut missed_now = 0u64;
         for (id, registration) in &mut self.observers {
@@ -176,15 +182,17 @@ impl Registry {
             if !seen_already {
                 registration.missed += missed;
             }
-            let mut events = match &registration.pattern {
-                None => all.clone(),
+            let (mut events, mut frames) = match &registration.pattern {
+                None => everything.clone(),
                 Some(pattern) => selections
                     .entry(pattern.clone())
                     .or_insert_with(|| {
-                        all.iter()
+                        let events = all
+                            .iter()
                             .filter(|live| pattern.matches(live.routing_key()))
                             .cloned()
-                            .collect()
+                            .collect();
+                        (events, SharedFrames::default())
                     })
                     .clone(),
             };
@@ -199,6 +207,7 @@ impl Registry {
                         .filter(|e| e.position() > through)
                         .cloned()
                         .collect();
+                    frames = SharedFrames::default();
                 }
             }
             if events.is_empty() {
@@ -211,11 +220,13 @@ impl Registry {
                     events,
                     missed: registration.missed,
                     permit: Some(permit),
+                    frames,
                 }),
                 None => Err(SendError::Full(Deliver {
                     events,
                     missed: 0,
                     permit: None,
+                    frames,
                 })),
             };
             match sent {

@@ -32,6 +32,7 @@ use actix::prelude::*;
 use crate::history::{History, Positions, Since};
 use crate::live_event::LiveEvent;
 use crate::messages::{DroppedCopies, LiveBacklog, LivePermit, Publish};
+use crate::shared_frames::SharedFrames;
 use crate::topic::TopicPattern;
 use fanout::Registry;
 
@@ -90,6 +91,9 @@ pub struct Deliver {
     pub missed: u64,
     /// The events' share of the observer's backlog, given back when handled.
     pub permit: Option<LivePermit>,
+    /// The frames of `events`, built once by the first observer that needs
+    /// them and shared with every other observer handed the same `events`.
+    pub frames: SharedFrames,
 }
 
 /// The live feed (`LIVE_FEED=stream`) → Observable: what was read from the

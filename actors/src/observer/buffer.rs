@@ -1,7 +1,9 @@
 //! An Observer's bounded buffer and its drop rules, apart from any actor so
 //! that they can be tested alone: which events are kept when the client is
-//! slower than the stream, which are skipped for being too old to show, and
-//! how what was dropped is told to it.
+//! slower than the stream, which are skipped for being too old to show, how
+//! what was dropped is told to it, and how events are split into frames
+//! (once per delivery for every observer that is caught up, see
+//! [`crate::shared_frames`]).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -9,10 +11,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use actix_http::ws::Message;
+use actix_http::ws::{Message, OpCode, Parser};
+use bytes::BytesMut;
 use serde::Deserialize;
 
+use super::settings::Outgoing;
 use crate::live_event::LiveEvent;
+use crate::shared_frames::{Partition, SharedFrame, SharedFrames};
 
 /// What an Observer does with a new event when its buffer is full (`WS_ON_FULL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -59,11 +64,55 @@ impl FromStr for OnFull {
     }
 }
 
+/// How events are split into frames: at most `max_events` events and
+/// `max_bytes` bytes of their JSON in one frame (one larger event still
+/// goes, alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FrameLimits {
+    pub(super) max_events: usize,
+    pub(super) max_bytes: usize,
+}
+
+impl FrameLimits {
+    /// Whether a frame made under `self` also obeys `other`.
+    fn within(self, other: FrameLimits) -> bool {
+        self.max_events <= other.max_events && self.max_bytes <= other.max_bytes
+    }
+}
+
+/// A frame to write, and the bytes of its text (what the window counts).
+#[derive(Debug)]
+pub(super) struct Frame {
+    pub(super) message: Outgoing,
+    pub(super) text_len: usize,
+}
+
+/// Consecutive events of one delivery, `events[start..end]`: the
+/// delivery's events are shared with every observer it went to, not copied
+/// event by event into each buffer.
+#[derive(Debug)]
+struct Run {
+    events: Arc<[Arc<LiveEvent>]>,
+    start: usize,
+    end: usize,
+    /// The delivery's frames, shared with the other observers.
+    frames: SharedFrames,
+}
+
+impl Run {
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+}
+
 /// Events waiting for the client and drops not yet reported to it.
 #[derive(Debug)]
 pub(super) struct Pending {
-    /// Buffered events, oldest first; never longer than `capacity`.
-    events: VecDeque<Arc<LiveEvent>>,
+    /// Buffered events, oldest first, in runs; `len` of them in all, never
+    /// more than `capacity` (so never more runs than that either).
+    runs: VecDeque<Run>,
+    /// Events buffered.
+    len: usize,
     /// The buffer's capacity (at least 1).
     capacity: usize,
     /// Dropped events (here or upstream) not yet told with a `lagged` frame.
@@ -75,7 +124,8 @@ pub(super) struct Pending {
 impl Pending {
     pub(super) fn new(capacity: usize) -> Pending {
         Pending {
-            events: VecDeque::with_capacity(capacity.clamp(1, 4096)),
+            runs: VecDeque::new(),
+            len: 0,
             capacity: capacity.max(1),
             unreported: 0,
             total_dropped: 0,
@@ -88,23 +138,56 @@ impl Pending {
         self.total_dropped += n;
     }
 
-    /// Buffers events under `policy`; returns how many were dropped.
-    pub(super) fn push(&mut self, events: &[Arc<LiveEvent>], policy: OnFull) -> u64 {
-        let mut dropped = 0;
-        for event in events {
-            if self.events.len() >= self.capacity {
-                dropped += 1;
-                match policy {
-                    OnFull::DropOldest => {
-                        self.events.pop_front();
-                    }
-                    OnFull::DropNewest => continue,
-                }
+    /// Buffers a delivery's events (with its shared frames) under
+    /// `policy`; returns how many were dropped.
+    pub(super) fn push(
+        &mut self,
+        events: &Arc<[Arc<LiveEvent>]>,
+        frames: &SharedFrames,
+        policy: OnFull,
+    ) -> u64 {
+        let n = events.len();
+        let (start, end, dropped) = match policy {
+            OnFull::DropOldest => {
+                // The newest `capacity` of them at most, and room for them.
+                let keep = n.min(self.capacity);
+                let overflow = (self.len + keep).saturating_sub(self.capacity);
+                self.drop_front(overflow);
+                (n - keep, n, n - keep + overflow)
             }
-            self.events.push_back(event.clone());
+            OnFull::DropNewest => {
+                let keep = n.min(self.capacity - self.len);
+                (0, keep, n - keep)
+            }
+        };
+        if start < end {
+            self.runs.push_back(Run {
+                events: events.clone(),
+                start,
+                end,
+                frames: frames.clone(),
+            });
+            self.len += end - start;
         }
+        let dropped = dropped as u64;
         self.missed(dropped);
         dropped
+    }
+
+    /// Drops the oldest `n` buffered events (not counted here).
+    fn drop_front(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(run) = self.runs.front_mut() else {
+                return;
+            };
+            let take = n.min(run.len());
+            run.start += take;
+            self.len -= take;
+            n -= take;
+            if run.start == run.end {
+                self.runs.pop_front();
+            }
+        }
     }
 
     /// Skips the buffered events older than `max_age` at `now` (their age
@@ -113,15 +196,19 @@ impl Pending {
     /// were received, so only the front is looked at.
     pub(super) fn expire(&mut self, now: SystemTime, max_age: Duration) -> u64 {
         let mut skipped = 0;
-        while let Some(event) = self.events.front() {
+        while let Some(run) = self.runs.front_mut() {
             let age = now
-                .duration_since(event.received_at())
+                .duration_since(run.events[run.start].received_at())
                 .unwrap_or(Duration::ZERO);
             if age <= max_age {
                 break;
             }
-            self.events.pop_front();
+            run.start += 1;
+            self.len -= 1;
             skipped += 1;
+            if run.start == run.end {
+                self.runs.pop_front();
+            }
         }
         self.missed(skipped);
         skipped
@@ -129,40 +216,164 @@ impl Pending {
 
     /// Whether there is something to tell the client.
     pub(super) fn has_frame(&self) -> bool {
-        self.unreported > 0 || !self.events.is_empty()
+        self.unreported > 0 || self.len > 0
     }
 
     /// The next frame: the `lagged` notice if drops are unreported, else the
-    /// oldest events (at most `max` of them, and no more than `max_bytes` of
-    /// JSON unless the first alone is larger), else nothing.
-    pub(super) fn next_frame(&mut self, max: usize, max_bytes: usize) -> Option<Message> {
+    /// oldest events under `limits` (from as many deliveries as fit), else
+    /// nothing.
+    ///
+    /// When that frame is one of the frames the oldest events' delivery was
+    /// split into under `shared` (the configured limits, the same for every
+    /// observer), it is sent as it was built for every observer: the
+    /// client keeps up (the limits are its own, and the delivery is all it
+    /// has, or the frame was cut by the limits). Otherwise (the client is
+    /// behind, events were dropped or skipped here, or its window shrank)
+    /// the frame is built here.
+    pub(super) fn next_frame(&mut self, limits: FrameLimits, shared: FrameLimits) -> Option<Frame> {
         if self.unreported > 0 {
             let missed = std::mem::take(&mut self.unreported);
             let text = format!("{{\"type\":\"lagged\",\"missed\":{missed}}}");
-            return Some(Message::Text(text.into()));
+            let text_len = text.len();
+            return Some(Frame {
+                message: Outgoing::Message(Message::Text(text.into())),
+                text_len,
+            });
         }
-        if self.events.is_empty() {
-            return None;
+        let only_run = self.runs.len() == 1;
+        let run = self.runs.front_mut()?;
+        if shared.within(limits) {
+            let partition = run.frames.get_or_build(|| partition(&run.events, shared));
+            let same_limits = FrameLimits {
+                max_events: partition.max_events,
+                max_bytes: partition.max_bytes,
+            } == limits;
+            // The shared frame is the one built here would be: it starts
+            // here and was cut by the same limits, or it ends the only
+            // delivery buffered (nothing to add to it).
+            let shared_frame = partition.frame_at(run.start).filter(|frame| {
+                same_limits && (frame.end < run.end || (frame.end == run.end && only_run))
+            });
+            if let Some(frame) = shared_frame {
+                run.start = frame.end;
+                self.len -= frame.end - frame.start;
+                let sent = Frame {
+                    message: Outgoing::Frame(frame.encoded.clone()),
+                    text_len: frame.text_len,
+                };
+                if run.start == run.end {
+                    self.runs.pop_front();
+                }
+                return Some(sent);
+            }
         }
+        // Built here: as many of the oldest events as the limits allow,
+        // from as many deliveries as they fit.
         let (mut n, mut size) = (0, 0);
-        for event in self.events.iter().take(max.max(1)) {
-            let len = event.json().len() + 1;
-            if n > 0 && size + len > max_bytes {
+        'count: for run in &self.runs {
+            for event in &run.events[run.start..run.end] {
+                let len = event.json().len() + 1;
+                if n == limits.max_events.max(1) || (n > 0 && size + len > limits.max_bytes) {
+                    break 'count;
+                }
+                n += 1;
+                size += len;
+            }
+        }
+        let mut text = String::with_capacity(size + EVENTS_FRAME_OVERHEAD);
+        text.push_str(EVENTS_FRAME_HEAD);
+        let mut left = n;
+        while left > 0 {
+            let Some(run) = self.runs.front_mut() else {
                 break;
+            };
+            let take = left.min(run.len());
+            for event in &run.events[run.start..run.start + take] {
+                if left < n {
+                    text.push(',');
+                }
+                text.push_str(event.json());
+                left -= 1;
             }
-            n += 1;
-            size += len;
-        }
-        let mut text = String::with_capacity(size + 32);
-        text.push_str("{\"type\":\"events\",\"events\":[");
-        for (i, event) in self.events.drain(..n).enumerate() {
-            if i > 0 {
-                text.push(',');
+            run.start += take;
+            if run.start == run.end {
+                self.runs.pop_front();
             }
-            text.push_str(event.json());
         }
-        text.push_str("]}");
-        Some(Message::Text(text.into()))
+        self.len -= n;
+        text.push_str(EVENTS_FRAME_TAIL);
+        let text_len = text.len();
+        Some(Frame {
+            message: Outgoing::Message(Message::Text(text.into())),
+            text_len,
+        })
+    }
+}
+
+/// The text of a frame of the first of `events` the limits allow: it holds
+/// events `0..end`.
+struct FrameText {
+    text: String,
+    end: usize,
+}
+
+/// The frame of the first of `events` that `limits` allow (at least one).
+fn write_frame(events: &[Arc<LiveEvent>], limits: FrameLimits) -> FrameText {
+    let (mut end, mut size) = (0, 0);
+    while end < events.len() {
+        let len = events[end].json().len() + 1;
+        if end == limits.max_events.max(1) || (end > 0 && size + len > limits.max_bytes) {
+            break;
+        }
+        size += len;
+        end += 1;
+    }
+    let mut text = String::with_capacity(size + EVENTS_FRAME_OVERHEAD);
+    text.push_str(EVENTS_FRAME_HEAD);
+    for (i, event) in events[..end].iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(event.json());
+    }
+    text.push_str(EVENTS_FRAME_TAIL);
+    FrameText { text, end }
+}
+
+/// An events frame is `{"type":"events","events":[` the events, comma
+/// separated, `]}`.
+const EVENTS_FRAME_HEAD: &str = "{\"type\":\"events\",\"events\":[";
+const EVENTS_FRAME_TAIL: &str = "]}";
+const EVENTS_FRAME_OVERHEAD: usize = EVENTS_FRAME_HEAD.len() + EVENTS_FRAME_TAIL.len();
+
+/// A delivery's events split into frames under `limits` (the rule
+/// [`Pending::next_frame`] applies to the oldest events), each encoded once
+/// as a WebSocket text frame.
+fn partition(events: &[Arc<LiveEvent>], limits: FrameLimits) -> Partition {
+    let mut frames = Vec::new();
+    let mut start = 0;
+    while start < events.len() {
+        let frame = write_frame(&events[start..], limits);
+        let mut encoded = BytesMut::with_capacity(frame.text.len() + 10);
+        Parser::write_message(
+            &mut encoded,
+            frame.text.as_bytes(),
+            OpCode::Text,
+            true,
+            false,
+        );
+        frames.push(SharedFrame {
+            start,
+            end: start + frame.end,
+            text_len: frame.text.len(),
+            encoded: encoded.freeze(),
+        });
+        start += frame.end;
+    }
+    Partition {
+        max_events: limits.max_events,
+        max_bytes: limits.max_bytes,
+        frames,
     }
 }
 
@@ -170,7 +381,10 @@ impl Pending {
 pub(crate) mod tests {
     use super::*;
 
-    fn live(numbers: impl IntoIterator<Item = u64>) -> Vec<Arc<LiveEvent>> {
+    use actix_codec::Decoder;
+    use actix_http::ws::{Codec, Frame as WsFrame};
+
+    fn live(numbers: impl IntoIterator<Item = u64>) -> Arc<[Arc<LiveEvent>]> {
         numbers
             .into_iter()
             .map(|n| {
@@ -179,6 +393,46 @@ pub(crate) mod tests {
                 )))
             })
             .collect()
+    }
+
+    /// What a client reads of what an Observer wrote: a frame it encoded
+    /// itself is decoded as the client would.
+    pub(crate) fn message(out: Outgoing) -> Message {
+        match out {
+            Outgoing::Message(message) => message,
+            Outgoing::Frame(bytes) => {
+                let mut buf = BytesMut::from(&bytes[..]);
+                match Codec::new().client_mode().decode(&mut buf) {
+                    Ok(Some(WsFrame::Text(text))) if buf.is_empty() => {
+                        Message::Text(String::from_utf8(text.to_vec()).expect("UTF-8 text").into())
+                    }
+                    other => panic!("not one text frame: {other:?}"),
+                }
+            }
+        }
+    }
+
+    const NO_LIMIT: FrameLimits = FrameLimits {
+        max_events: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+
+    fn limits(max_events: usize, max_bytes: usize) -> FrameLimits {
+        FrameLimits {
+            max_events,
+            max_bytes,
+        }
+    }
+
+    /// The next frame built by this buffer alone (no shared frames).
+    fn own(pending: &mut Pending, max_events: usize, max_bytes: usize) -> Option<Message> {
+        pending
+            .next_frame(limits(max_events, max_bytes), NO_LIMIT)
+            .map(|frame| message(frame.message))
+    }
+
+    fn push(pending: &mut Pending, events: &Arc<[Arc<LiveEvent>]>, policy: OnFull) -> u64 {
+        pending.push(events, &SharedFrames::default(), policy)
     }
 
     /// The JSON of a text frame.
@@ -212,18 +466,18 @@ pub(crate) mod tests {
     fn pending_buffer_policies() {
         let events = live(1..=5);
         let mut oldest = Pending::new(3);
-        assert_eq!(oldest.push(&events, OnFull::DropOldest), 2);
+        assert_eq!(push(&mut oldest, &events, OnFull::DropOldest), 2);
         let mut newest = Pending::new(3);
-        assert_eq!(newest.push(&events, OnFull::DropNewest), 2);
-        assert_eq!(lagged(oldest.next_frame(10, usize::MAX).expect("frame")), 2);
+        assert_eq!(push(&mut newest, &events, OnFull::DropNewest), 2);
+        assert_eq!(lagged(own(&mut oldest, 10, usize::MAX).expect("frame")), 2);
         assert_eq!(
-            numbers(oldest.next_frame(10, usize::MAX).expect("frame")),
+            numbers(own(&mut oldest, 10, usize::MAX).expect("frame")),
             [3, 4, 5]
         );
-        assert!(oldest.next_frame(10, usize::MAX).is_none());
-        assert_eq!(lagged(newest.next_frame(10, usize::MAX).expect("frame")), 2);
+        assert!(own(&mut oldest, 10, usize::MAX).is_none());
+        assert_eq!(lagged(own(&mut newest, 10, usize::MAX).expect("frame")), 2);
         assert_eq!(
-            numbers(newest.next_frame(10, usize::MAX).expect("frame")),
+            numbers(own(&mut newest, 10, usize::MAX).expect("frame")),
             [1, 2, 3]
         );
     }
@@ -231,27 +485,135 @@ pub(crate) mod tests {
     #[test]
     fn frames_are_capped_in_events_and_in_bytes() {
         let mut pending = Pending::new(100);
-        pending.push(&live(1..=10), OnFull::DropOldest);
+        // Two deliveries: a frame built here takes events of both.
+        push(&mut pending, &live(1..=3), OnFull::DropOldest);
+        push(&mut pending, &live(4..=10), OnFull::DropOldest);
         assert_eq!(
-            numbers(pending.next_frame(4, usize::MAX).expect("frame")),
+            numbers(own(&mut pending, 4, usize::MAX).expect("frame")),
             [1, 2, 3, 4]
         );
         // Each event here takes 20 bytes (19 of JSON and a comma): two fit in 40.
-        assert_eq!(numbers(pending.next_frame(100, 40).expect("frame")), [5, 6]);
+        assert_eq!(numbers(own(&mut pending, 100, 40).expect("frame")), [5, 6]);
         // One event larger than the cap still goes, alone.
-        assert_eq!(numbers(pending.next_frame(100, 1).expect("frame")), [7]);
+        assert_eq!(numbers(own(&mut pending, 100, 1).expect("frame")), [7]);
         assert_eq!(
-            numbers(pending.next_frame(100, 1000).expect("frame")),
+            numbers(own(&mut pending, 100, 1000).expect("frame")),
             [8, 9, 10]
         );
-        assert!(pending.next_frame(100, 1000).is_none());
+        assert!(own(&mut pending, 100, 1000).is_none());
+    }
+
+    #[test]
+    fn drop_oldest_across_deliveries_keeps_the_newest_capacity() {
+        let mut pending = Pending::new(4);
+        assert_eq!(push(&mut pending, &live(1..=3), OnFull::DropOldest), 0);
+        assert_eq!(push(&mut pending, &live(4..=5), OnFull::DropOldest), 1);
+        assert_eq!(push(&mut pending, &live(6..=12), OnFull::DropOldest), 7);
+        assert_eq!(
+            lagged(own(&mut pending, 100, usize::MAX).expect("frame")),
+            8
+        );
+        assert_eq!(
+            numbers(own(&mut pending, 100, usize::MAX).expect("frame")),
+            [9, 10, 11, 12]
+        );
+        assert_eq!(pending.total_dropped, 8);
+        let mut newest = Pending::new(4);
+        assert_eq!(push(&mut newest, &live(1..=3), OnFull::DropNewest), 0);
+        assert_eq!(push(&mut newest, &live(4..=6), OnFull::DropNewest), 2);
+        assert_eq!(push(&mut newest, &live(7..=8), OnFull::DropNewest), 2);
+        assert_eq!(lagged(own(&mut newest, 100, usize::MAX).expect("frame")), 4);
+        assert_eq!(
+            numbers(own(&mut newest, 100, usize::MAX).expect("frame")),
+            [1, 2, 3, 4]
+        );
+    }
+
+    #[test]
+    fn caught_up_buffers_send_the_same_frames_built_once() {
+        let events = live(1..=10);
+        let frames = SharedFrames::default();
+        let shared = limits(4, usize::MAX);
+        let (mut a, mut b) = (Pending::new(100), Pending::new(100));
+        a.push(&events, &frames, OnFull::DropOldest);
+        b.push(&events, &frames, OnFull::DropOldest);
+        let mut sent = Vec::new();
+        for pending in [&mut a, &mut b] {
+            let mut bytes = Vec::new();
+            while let Some(frame) = pending.next_frame(shared, shared) {
+                let Outgoing::Frame(encoded) = frame.message else {
+                    panic!("a caught-up buffer builds no frame of its own");
+                };
+                bytes.push(encoded);
+            }
+            sent.push(bytes);
+        }
+        assert_eq!(sent[0].len(), 3, "10 events, 4 to a frame");
+        for (x, y) in sent[0].iter().zip(&sent[1]) {
+            assert_eq!(x.as_ptr(), y.as_ptr(), "the same bytes, not a copy");
+        }
+        let numbers: Vec<Vec<u64>> = sent[0]
+            .iter()
+            .map(|bytes| numbers(message(Outgoing::Frame(bytes.clone()))))
+            .collect();
+        assert_eq!(numbers, [vec![1, 2, 3, 4], vec![5, 6, 7, 8], vec![9, 10]]);
+    }
+
+    #[test]
+    fn a_buffer_that_differs_builds_its_own_frames() {
+        let events = live(1..=10);
+        let frames = SharedFrames::default();
+        let shared = limits(4, usize::MAX);
+        // Behind: the first two were dropped here, so its frames start
+        // elsewhere than the shared ones and are its own.
+        let mut skewed = Pending::new(8);
+        assert_eq!(skewed.push(&events, &frames, OnFull::DropOldest), 2);
+        let first = skewed.next_frame(shared, shared).expect("lagged");
+        assert_eq!(lagged(message(first.message)), 2);
+        for expected in [[3, 4, 5, 6], [7, 8, 9, 10]] {
+            let frame = skewed.next_frame(shared, shared).expect("frame");
+            assert!(matches!(frame.message, Outgoing::Message(_)));
+            assert_eq!(numbers(message(frame.message)), expected);
+        }
+        // Four dropped: it starts on a shared frame's boundary, so those go.
+        let mut behind = Pending::new(6);
+        assert_eq!(behind.push(&events, &frames, OnFull::DropOldest), 4);
+        let first = behind.next_frame(shared, shared).expect("lagged");
+        assert_eq!(lagged(message(first.message)), 4);
+        for expected in [&[5, 6, 7, 8][..], &[9, 10]] {
+            let frame = behind.next_frame(shared, shared).expect("frame");
+            assert!(matches!(frame.message, Outgoing::Frame(_)));
+            assert_eq!(numbers(message(frame.message)), expected);
+        }
+        // Behind by more than one delivery: its frames take events of both,
+        // as many as fit, rather than the first delivery's short last frame.
+        let later = live(11..=12);
+        let mut two = Pending::new(100);
+        two.push(&events, &frames, OnFull::DropOldest);
+        two.push(&later, &SharedFrames::default(), OnFull::DropOldest);
+        let mut got = Vec::new();
+        while let Some(frame) = two.next_frame(shared, shared) {
+            got.push(numbers(message(frame.message)));
+        }
+        assert_eq!(
+            got,
+            [vec![1, 2, 3, 4], vec![5, 6, 7, 8], vec![9, 10, 11, 12]]
+        );
+        // A client whose window shrank takes smaller frames than the shared ones.
+        let mut slow = Pending::new(100);
+        slow.push(&events, &frames, OnFull::DropOldest);
+        let small = slow
+            .next_frame(limits(2, usize::MAX), shared)
+            .expect("frame");
+        assert!(matches!(small.message, Outgoing::Message(_)));
+        assert_eq!(numbers(message(small.message)), [1, 2]);
     }
 
     #[test]
     fn events_older_than_the_bound_are_skipped_and_told() {
         let now = SystemTime::now();
         let at = |ms_ago: u64| now - Duration::from_millis(ms_ago);
-        let events: Vec<_> = [(1, 3000), (2, 2500), (3, 1900), (4, 100)]
+        let events: Arc<[Arc<LiveEvent>]> = [(1, 3000), (2, 2500), (3, 1900), (4, 100)]
             .into_iter()
             .map(|(n, ago)| {
                 Arc::new(
@@ -260,28 +622,22 @@ pub(crate) mod tests {
             })
             .collect();
         let mut pending = Pending::new(100);
-        pending.push(&events, OnFull::DropOldest);
+        push(&mut pending, &events, OnFull::DropOldest);
         pending.missed(5);
         assert_eq!(pending.expire(now, Duration::from_secs(2)), 2);
         // Upstream misses and skipped events are told together, then the
         // fresh events follow.
+        assert_eq!(lagged(own(&mut pending, 10, usize::MAX).expect("frame")), 7);
         assert_eq!(
-            lagged(pending.next_frame(10, usize::MAX).expect("frame")),
-            7
-        );
-        assert_eq!(
-            numbers(pending.next_frame(10, usize::MAX).expect("frame")),
+            numbers(own(&mut pending, 10, usize::MAX).expect("frame")),
             [3, 4]
         );
         assert_eq!(pending.total_dropped, 7);
         // Nothing is skipped twice, and a clock that went backwards ages nothing.
-        pending.push(&events[3..], OnFull::DropOldest);
+        push(&mut pending, &events[3..].into(), OnFull::DropOldest);
         assert_eq!(pending.expire(at(1000), Duration::ZERO), 0);
         assert_eq!(pending.expire(now, Duration::ZERO), 1);
-        assert_eq!(
-            lagged(pending.next_frame(10, usize::MAX).expect("frame")),
-            1
-        );
+        assert_eq!(lagged(own(&mut pending, 10, usize::MAX).expect("frame")), 1);
         assert!(!pending.has_frame());
     }
 

@@ -23,6 +23,7 @@ use crate::history::Since;
 use crate::live_event::LiveEvent;
 use crate::live_feed::replay::{ReplayStep, Replays};
 use crate::observable::Resumed;
+use crate::shared_frames::SharedFrames;
 
 /// A replay being read for this Observer's client.
 #[derive(Debug)]
@@ -95,11 +96,12 @@ impl Observer {
                 }
                 // Asked-for history: fresh from now (as a replay from the ring).
                 let now = SystemTime::now();
-                let events: Vec<Arc<LiveEvent>> = events
+                let events: Arc<[Arc<LiveEvent>]> = events
                     .into_iter()
                     .map(|event| Arc::new(LiveEvent::clone(&event).received(now)))
                     .collect();
-                self.pending.push(&events, self.settings.on_full);
+                self.pending
+                    .push(&events, &SharedFrames::default(), self.settings.on_full);
                 if let Some(replaying) = &mut self.replaying {
                     replaying.asking = true;
                 }

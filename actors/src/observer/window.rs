@@ -1,12 +1,20 @@
 //! How much an Observer has handed to the socket that its client has not
 //! consumed yet, learnt from pings used as acknowledgements.
 //!
-//! Every frame of events (or `lagged` notice) is followed by a ping carrying a
+//! Frames of events (and `lagged` notices) are followed by a ping carrying a
 //! sequence number. A WebSocket endpoint answers a ping with a pong carrying
 //! the same payload, and it reads frames in order, so the pong for ping `k`
 //! proves that the client took in everything sent before ping `k` (RFC 6455
 //! §5.5.2–5.5.3): whatever sat in the kernels' buffers, a proxy or the client
-//! library has been consumed. [`AckWindow`] keeps the frames sent beyond the
+//! library has been consumed.
+//!
+//! Not every frame needs its own ping (each costs the client a pong to
+//! write and the Observer one to read): a ping follows the frame that brings
+//! the bytes written since the last ping to half the window, and the last
+//! frame of a burst when no ping is in flight ([`AckWindow::ping_due`],
+//! [`AckWindow::ping_wanted`]). So at least two acknowledgements come per
+//! window, and everything written is acknowledged by the next pong or the
+//! one after. [`AckWindow`] keeps the frames sent beyond the
 //! last pong (bounded in bytes) and how long recent frames took to be
 //! consumed, which is what the Observer needs to keep its client fresh: it
 //! stops writing when the window is full, and it skips events that would be
@@ -70,8 +78,13 @@ pub(super) struct AckWindow {
     cut_at: u64,
     /// Segments not yet acknowledged, oldest first.
     in_flight: VecDeque<Segment>,
-    /// Their bytes, summed.
+    /// Their bytes and those written since the last ping, summed.
     unacked: usize,
+    /// Bytes written since the last ping (not yet in a segment).
+    unpinged: usize,
+    /// When the first of those was written: a segment's transit is counted
+    /// from its oldest byte.
+    unpinged_since: Option<Instant>,
     /// The next ping's sequence number.
     next_seq: u64,
     /// How long the last acknowledged segment took from the socket to the
@@ -96,6 +109,8 @@ impl AckWindow {
             cut_at: 0,
             in_flight: VecDeque::new(),
             unacked: 0,
+            unpinged: 0,
+            unpinged_since: None,
             next_seq: 1,
             transit: Duration::ZERO,
             recent: VecDeque::with_capacity(RECENT_TRANSITS),
@@ -112,18 +127,43 @@ impl AckWindow {
         self.in_flight.is_empty()
     }
 
-    /// Records `bytes` just handed to the socket, followed by a ping; returns
-    /// the ping's payload.
-    pub(super) fn sent(&mut self, bytes: usize, now: Instant) -> Bytes {
+    /// Records `bytes` just handed to the socket, not yet followed by a ping.
+    pub(super) fn wrote(&mut self, bytes: usize, now: Instant) {
+        self.unpinged += bytes;
+        self.unacked += bytes;
+        self.unpinged_since.get_or_insert(now);
+    }
+
+    /// Whether the frame just written must be followed by a ping: the bytes
+    /// written since the last one reach half the window.
+    pub(super) fn ping_due(&self) -> bool {
+        self.unpinged > 0 && self.unpinged >= self.limit / 2
+    }
+
+    /// Whether, with nothing more to write now, a ping must go: bytes are
+    /// unacknowledged and no ping in flight will bring their pong.
+    pub(super) fn ping_wanted(&self) -> bool {
+        self.unpinged > 0 && self.in_flight.is_empty()
+    }
+
+    /// Closes what was written since the last ping with a ping sent now;
+    /// returns the ping's payload.
+    pub(super) fn ping(&mut self, now: Instant) -> Bytes {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.in_flight.push_back(Segment {
             seq,
-            bytes,
-            sent_at: now,
+            bytes: std::mem::take(&mut self.unpinged),
+            sent_at: self.unpinged_since.take().unwrap_or(now),
         });
-        self.unacked += bytes;
         Bytes::from(format!("{PREFIX}{seq}"))
+    }
+
+    /// Records `bytes` just handed to the socket, followed by a ping; returns
+    /// the ping's payload.
+    pub(super) fn sent(&mut self, bytes: usize, now: Instant) -> Bytes {
+        self.wrote(bytes, now);
+        self.ping(now)
     }
 
     /// Takes a pong's payload: if it answers one of our pings, everything up
@@ -180,14 +220,23 @@ impl AckWindow {
         (self.limit / 4).max(1)
     }
 
+    /// [`AckWindow::frame_bytes`] when the window is at its configured size
+    /// (a client that keeps up).
+    pub(super) fn max_frame_bytes(&self) -> usize {
+        (self.max / 4).max(1)
+    }
+
     /// How long a frame sent now is expected to take to reach the client: the
     /// longest of the recent transits, or longer if the oldest frame still
     /// in flight has already waited longer (the client slowed down, or
     /// stopped).
     pub(super) fn expected_transit(&self, now: Instant) -> Duration {
-        let waiting = self.in_flight.front().map_or(Duration::ZERO, |oldest| {
-            now.saturating_duration_since(oldest.sent_at)
-        });
+        let oldest = self
+            .in_flight
+            .front()
+            .map(|segment| segment.sent_at)
+            .or(self.unpinged_since);
+        let waiting = oldest.map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
         let recent = self.recent.iter().copied().max().unwrap_or_default();
         recent.max(waiting)
     }
@@ -259,6 +308,37 @@ mod tests {
         assert_eq!(
             window.expected_transit(t0 + Duration::from_millis(3010)),
             Duration::from_secs(3)
+        );
+    }
+
+    #[test]
+    fn pings_follow_each_half_window_and_the_end_of_a_burst() {
+        let t0 = Instant::now();
+        let mut window = AckWindow::new(1000, HOUR);
+        window.wrote(300, t0);
+        assert!(!window.ping_due(), "300 of a 1000-byte window");
+        assert!(
+            window.ping_wanted(),
+            "nothing in flight would acknowledge it"
+        );
+        window.wrote(300, t0 + Duration::from_millis(5));
+        assert!(window.ping_due(), "600 bytes since the last ping");
+        let first = window.ping(t0 + Duration::from_millis(9));
+        assert!(!window.ping_due() && !window.ping_wanted());
+        window.wrote(100, t0 + Duration::from_millis(10));
+        assert!(
+            !window.ping_wanted(),
+            "the ping in flight comes back first, then these get theirs"
+        );
+        // The segment's transit counts from its first byte.
+        assert!(window.acked(&first, t0 + Duration::from_millis(20)));
+        assert_eq!(window.transit, Duration::from_millis(20));
+        assert_eq!(window.unacked(), 100);
+        assert!(window.ping_wanted());
+        // Unpinged bytes count as waiting, too.
+        assert_eq!(
+            window.expected_transit(t0 + Duration::from_millis(50)),
+            Duration::from_millis(40)
         );
     }
 

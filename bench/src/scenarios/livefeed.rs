@@ -382,7 +382,7 @@ async fn settle(counts: &Counts, expected: u64) -> (u64, u64) {
 }
 
 /// CPU time of the RabbitMQ node (its `beam.smp` process), if readable.
-fn broker_cpu() -> Option<Duration> {
+pub fn broker_cpu() -> Option<Duration> {
     std::fs::read_dir("/proc")
         .ok()?
         .filter_map(Result::ok)
