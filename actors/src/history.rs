@@ -40,13 +40,70 @@ pub enum Since {
     Last(usize),
 }
 
-/// What a resuming client is handed before the live stream.
+/// What a resuming client is handed before the live stream: its events and
+/// what it missed, each where it happened.
 #[derive(Debug, Default)]
 pub struct Replay {
-    /// The events it gets again, oldest first.
-    pub events: Vec<Arc<LiveEvent>>,
-    /// Events after its position that it will not get.
+    /// In order: events missed, then events it gets again.
+    pub segments: Vec<Segment>,
+}
+
+/// Events missed (where they were), then the events that came after them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// Events missed just before `events`.
     pub missed: u64,
+    /// The last position those missed events take: a client told of them
+    /// resumes after it (0 when nothing was missed).
+    pub missed_through: u64,
+    /// The events replayed, oldest first.
+    pub events: Vec<Arc<LiveEvent>>,
+}
+
+impl Replay {
+    /// Events replayed, in all segments.
+    pub fn events(&self) -> usize {
+        self.segments.iter().map(|s| s.events.len()).sum()
+    }
+
+    /// Events missed, in all segments.
+    pub fn missed(&self) -> u64 {
+        self.segments.iter().map(|s| s.missed).sum()
+    }
+
+    /// Every event replayed, in order.
+    pub fn all_events(&self) -> impl Iterator<Item = &Arc<LiveEvent>> {
+        self.segments.iter().flat_map(|s| s.events.iter())
+    }
+
+    /// `missed` events before the next events, the last at `through`.
+    pub(crate) fn miss(&mut self, missed: u64, through: u64) {
+        if missed == 0 {
+            return;
+        }
+        match self.segments.last_mut() {
+            Some(last) if last.events.is_empty() => {
+                last.missed += missed;
+                last.missed_through = through;
+            }
+            _ => self.segments.push(Segment {
+                missed,
+                missed_through: through,
+                events: Vec::new(),
+            }),
+        }
+    }
+
+    /// `event` comes next.
+    pub(crate) fn event(&mut self, event: Arc<LiveEvent>) {
+        match self.segments.last_mut() {
+            Some(last) => last.events.push(event),
+            None => self.segments.push(Segment {
+                events: vec![event],
+                ..Segment::default()
+            }),
+        }
+    }
 }
 
 /// How positions relate to events (see the module docs).
@@ -64,7 +121,7 @@ struct Kept {
     position: u64,
     /// `None` for a gap.
     event: Option<Arc<LiveEvent>>,
-    /// Events told before this one (or this gap).
+    /// Events told before this one (or this gap): its `told` less itself.
     before: u64,
     /// Events told up to and including this one (or this gap).
     told: u64,
@@ -170,7 +227,9 @@ impl History {
             Positions::Dense => position,
             Positions::Sparse => self.told + events,
         };
-        let before = self.told;
+        // Told before it; with dense positions, positions skipped just
+        // before it (dropped copies) are told too, and not counted here.
+        let before = told - events;
         self.head = position;
         self.told = told;
         if self.capacity > 0 {
@@ -206,9 +265,10 @@ impl History {
     /// first: a position older than the ring is counted as if the ring began
     /// at it.
     pub fn replay(&self, since: Since, pattern: Option<&TopicPattern>) -> Replay {
-        let matches = |event: &&Arc<LiveEvent>| {
+        let matches = |event: &Arc<LiveEvent>| {
             pattern.is_none_or(|pattern| pattern.matches(event.routing_key()))
         };
+        let mut replay = Replay::default();
         match since {
             Since::Last(n) => {
                 let mut events: Vec<Arc<LiveEvent>> = self
@@ -216,17 +276,18 @@ impl History {
                     .iter()
                     .rev()
                     .filter_map(|kept| kept.event.as_ref())
-                    .filter(matches)
+                    .filter(|e| matches(e))
                     .take(n)
                     .cloned()
                     .collect();
                 events.reverse();
-                Replay { events, missed: 0 }
+                events.into_iter().for_each(|e| replay.event(e));
             }
-            Since::After(position) if position >= self.head => Replay::default(),
+            Since::After(position) if position >= self.head => {}
             Since::After(position) => {
                 let start = self.ring.partition_point(|k| k.position <= position);
-                let told_at = match self.positions {
+                // What was told up to the client's position.
+                let mut told = match self.positions {
                     Positions::Dense => position,
                     Positions::Sparse => match start.checked_sub(1) {
                         Some(at) => self.ring[at].told,
@@ -234,20 +295,21 @@ impl History {
                         None => self.ring.front().map_or(self.told, |k| k.before),
                     },
                 };
-                let after = self.ring.range(start..);
-                let held = after.clone().filter(|k| k.event.is_some()).count() as u64;
-                let owed = self.told.saturating_sub(told_at);
-                let events = after
-                    .filter_map(|kept| kept.event.as_ref())
-                    .filter(matches)
-                    .cloned()
-                    .collect();
-                Replay {
-                    events,
-                    missed: owed.saturating_sub(held),
+                for kept in self.ring.range(start..) {
+                    // Told but not kept just before it (evicted, or dropped
+                    // copies that took positions).
+                    replay.miss(kept.before.saturating_sub(told), kept.position - 1);
+                    match &kept.event {
+                        Some(event) if matches(event) => replay.event(event.clone()),
+                        Some(_) => {}
+                        None => replay.miss(kept.told - kept.before, kept.position),
+                    }
+                    told = kept.told;
                 }
+                replay.miss(self.told.saturating_sub(told), self.head);
             }
         }
+        replay
     }
 }
 
@@ -272,7 +334,16 @@ mod tests {
     }
 
     fn positions(replay: &Replay) -> Vec<u64> {
-        replay.events.iter().map(|e| e.position()).collect()
+        replay.all_events().map(|e| e.position()).collect()
+    }
+
+    fn missed(replay: &Replay) -> Vec<(u64, u64)> {
+        replay
+            .segments
+            .iter()
+            .filter(|s| s.missed > 0)
+            .map(|s| (s.missed, s.missed_through))
+            .collect()
     }
 
     #[test]
@@ -284,9 +355,9 @@ mod tests {
             }
             let replay = history.replay(Since::After(3), None);
             assert_eq!(positions(&replay), [4, 5, 6]);
-            assert_eq!(replay.missed, 0);
+            assert_eq!(replay.missed(), 0);
             let replay = history.replay(Since::After(6), None);
-            assert_eq!((positions(&replay), replay.missed), (vec![], 0));
+            assert_eq!((positions(&replay), replay.missed()), (vec![], 0));
         }
     }
 
@@ -299,9 +370,9 @@ mod tests {
         // Holds 7..=10; a client at 2 missed 3..=6.
         let replay = history.replay(Since::After(2), None);
         assert_eq!(positions(&replay), [7, 8, 9, 10]);
-        assert_eq!(replay.missed, 4);
+        assert_eq!(replay.missed(), 4);
         // From the very beginning.
-        assert_eq!(history.replay(Since::After(0), None).missed, 6);
+        assert_eq!(history.replay(Since::After(0), None).missed(), 6);
     }
 
     #[test]
@@ -312,12 +383,12 @@ mod tests {
         history.skip(5); // five copies dropped: positions 3..=7
         history.push(at(8, "a"));
         history.push(at(9, "a"));
-        assert_eq!(history.replay(Since::After(1), None).missed, 5);
-        assert_eq!(history.replay(Since::After(8), None).missed, 0);
+        assert_eq!(history.replay(Since::After(1), None).missed(), 5);
+        assert_eq!(history.replay(Since::After(8), None).missed(), 0);
         // Dropped after the head: a fully caught-up client is told.
         history.skip(2);
         let replay = history.replay(Since::After(9), None);
-        assert_eq!((positions(&replay), replay.missed), (vec![], 2));
+        assert_eq!((positions(&replay), replay.missed()), (vec![], 2));
     }
 
     #[test]
@@ -329,7 +400,7 @@ mod tests {
         }
         let replay = history.replay(Since::After(10_002), None);
         assert_eq!(
-            (positions(&replay), replay.missed),
+            (positions(&replay), replay.missed()),
             (vec![10_003, 20_001, 20_002], 0)
         );
     }
@@ -343,16 +414,40 @@ mod tests {
         // the message at offset 2 (position 20_001): the gap sits before it.
         history.gap_at(20_000, 5);
         history.push(at(20_001, "a"));
-        assert_eq!(history.replay(Since::After(10_001), None).missed, 5);
-        assert_eq!(history.replay(Since::After(20_001), None).missed, 0);
+        assert_eq!(history.replay(Since::After(10_001), None).missed(), 5);
+        assert_eq!(history.replay(Since::After(20_001), None).missed(), 0);
         // A client told of the gap (its last position is the gap's) is not
         // told again.
-        assert_eq!(history.replay(Since::After(20_000), None).missed, 0);
+        assert_eq!(history.replay(Since::After(20_000), None).missed(), 0);
         // A gap after the last event, in a marker at offset 3.
         history.gap_at(30_000, 2);
         let replay = history.replay(Since::After(20_001), None);
-        assert_eq!((positions(&replay), replay.missed), (vec![], 2));
+        assert_eq!((positions(&replay), replay.missed()), (vec![], 2));
         assert!(history.covers(Since::After(20_001)));
+    }
+
+    #[test]
+    fn a_replay_tells_each_miss_where_it_happened_and_up_to_where() {
+        // Dense: 1 and 2 evicted, copies 5..=6 dropped, 8 dropped after the last.
+        let mut dense = History::new(3, Positions::Dense);
+        for p in 1..=4 {
+            dense.push(at(p, "a"));
+        }
+        dense.skip(2);
+        dense.push(at(7, "a"));
+        dense.skip(1);
+        let replay = dense.replay(Since::After(0), None);
+        assert_eq!(positions(&replay), [3, 4, 7]);
+        assert_eq!(missed(&replay), [(2, 2), (2, 6), (1, 8)]);
+        // Sparse: a gap kept in the ring, at its place.
+        let mut sparse = History::new(10, Positions::Sparse);
+        sparse.push(at(10_001, "a"));
+        sparse.gap_at(20_000, 3);
+        sparse.push(at(20_001, "a"));
+        let replay = sparse.replay(Since::After(10_001), None);
+        assert_eq!(positions(&replay), [20_001]);
+        assert_eq!(missed(&replay), [(3, 20_000)]);
+        assert_eq!(replay.segments.len(), 1, "the gap comes before its event");
     }
 
     #[test]
@@ -386,7 +481,7 @@ mod tests {
         }
         let only_b = TopicPattern::parse("b").expect("valid");
         let replay = history.replay(Since::After(0), Some(&only_b));
-        assert_eq!((positions(&replay), replay.missed), (vec![2, 4], 0));
+        assert_eq!((positions(&replay), replay.missed()), (vec![2, 4], 0));
         let replay = history.replay(Since::Last(1), Some(&only_b));
         assert_eq!(positions(&replay), [4]);
     }
@@ -398,7 +493,7 @@ mod tests {
             history.push(at(p, "a"));
         }
         let replay = history.replay(Since::Last(2), None);
-        assert_eq!((positions(&replay), replay.missed), (vec![4, 5], 0));
+        assert_eq!((positions(&replay), replay.missed()), (vec![4, 5], 0));
         assert_eq!(positions(&history.replay(Since::Last(50), None)), [3, 4, 5]);
     }
 
@@ -407,7 +502,7 @@ mod tests {
         let mut history = History::new(3, Positions::Dense);
         history.push(at(1, "a"));
         let replay = history.replay(Since::After(1_000), None);
-        assert_eq!((positions(&replay), replay.missed), (vec![], 0));
+        assert_eq!((positions(&replay), replay.missed()), (vec![], 0));
         assert!(!history.push(at(1, "a")), "an old position is ignored");
     }
 
@@ -418,6 +513,6 @@ mod tests {
         history.push(at(2, "a"));
         assert!(history.is_empty());
         let replay = history.replay(Since::After(0), None);
-        assert_eq!((positions(&replay), replay.missed), (vec![], 2));
+        assert_eq!((positions(&replay), replay.missed()), (vec![], 2));
     }
 }

@@ -28,6 +28,8 @@ pub struct Collected {
     pub events: Vec<Seen>,
     /// Events `lagged` frames said were missed.
     pub missed: u64,
+    /// The last position a `lagged` frame said it told of.
+    pub told_through: u64,
 }
 
 impl Collected {
@@ -41,6 +43,11 @@ impl Collected {
         self.events.last().map(|e| e.position)
     }
 
+    /// Where to resume: after the newest position received or told missed.
+    pub fn resume_after(&self) -> u64 {
+        self.last_position().unwrap_or(0).max(self.told_through)
+    }
+
     /// The message ids received, in order.
     pub fn ids(&self) -> Vec<String> {
         self.events.iter().map(|e| e.message_id.clone()).collect()
@@ -48,6 +55,7 @@ impl Collected {
 }
 
 /// What one read came to.
+#[derive(Debug, PartialEq, Eq)]
 enum Read {
     /// A frame that counts (events or `lagged`).
     Frame,
@@ -62,6 +70,8 @@ pub struct LiveClient {
     framed: Framed<BoxedSocket, Codec>,
     /// What was read so far.
     pub got: Collected,
+    /// A slow client: it takes this long over each frame.
+    pace: Option<Duration>,
 }
 
 impl LiveClient {
@@ -79,12 +89,23 @@ impl LiveClient {
         LiveClient {
             framed,
             got: Collected::default(),
+            pace: None,
         }
+    }
+
+    /// A client that takes `pace` over each frame (a slow dashboard).
+    pub fn with_pace(mut self, pace: Duration) -> LiveClient {
+        self.pace = Some(pace);
+        self
     }
 
     /// Reads one meaningful frame (answering pings) into `got`. Fails the
     /// test on an unreadable frame, or on a close unless `gone_is_fine`.
     async fn read_one(&mut self, deadline: Instant, gone_is_fine: bool) -> Read {
+        if let Some(pace) = self.pace {
+            // The client's own slowness, not a wait for anything.
+            tokio::time::sleep(pace).await;
+        }
         loop {
             let frame = match tokio::time::timeout_at(deadline, self.framed.next()).await {
                 Err(_) => return Read::Timeout,
@@ -122,6 +143,9 @@ impl LiveClient {
                         }
                         Some("lagged") => {
                             self.got.missed += v["missed"].as_u64().expect("missed count");
+                            if let Some(position) = v["position"].as_u64() {
+                                self.got.told_through = self.got.told_through.max(position);
+                            }
                         }
                         _ => {} // other notices (e.g. freshness) do not count here
                     }
@@ -168,6 +192,24 @@ impl LiveClient {
         assert_eq!(self.got.accounted(), total, "more than happened");
     }
 
+    /// Reads until the frame just read is a `lagged` notice, after at least
+    /// one event (a client that leaves right after it was told of a miss).
+    pub async fn read_until_told(&mut self) {
+        let deadline = Instant::now() + CLIENT_WAIT;
+        loop {
+            let missed = self.got.missed;
+            assert_eq!(
+                self.read_one(deadline, false).await,
+                Read::Frame,
+                "after {CLIENT_WAIT:?}: no lagged notice ({} received)",
+                self.got.events.len()
+            );
+            if self.got.missed > missed && !self.got.events.is_empty() {
+                return;
+            }
+        }
+    }
+
     /// Reads until at least `n` events were received.
     pub async fn read_until_received(&mut self, n: usize) {
         let deadline = Instant::now() + CLIENT_WAIT;
@@ -184,9 +226,10 @@ impl LiveClient {
     /// received (`?since=`), keeping what it read: a dashboard whose
     /// instance went away, coming back elsewhere.
     pub async fn resume_on(self, addr: std::net::SocketAddr) -> LiveClient {
-        let since = self.got.last_position().unwrap_or(0);
+        let since = self.got.resume_after();
         let mut resumed = LiveClient::connect(addr, &format!("?since={since}")).await;
         resumed.got = self.got;
+        resumed.pace = self.pace;
         resumed
     }
 

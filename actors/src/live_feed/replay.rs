@@ -30,6 +30,7 @@ use super::placer::Placer;
 use super::reader::{consume_at, lock, offset_of};
 use super::wire;
 use super::{connect, FeedSettings};
+use crate::history::{Replay, Segment};
 use crate::live_event::LiveEvent;
 use crate::topic::TopicPattern;
 
@@ -42,14 +43,13 @@ pub const STEP_EVENTS: usize = 512;
 /// What a replay hands its client, in order.
 #[derive(Debug)]
 pub enum ReplayStep {
-    /// Events after the client's position (those its filter matches), the
-    /// count of events missed just before them, and the last position this
-    /// step accounts for (everything up to it was shown or counted).
-    Events {
-        /// Missed just before `events`.
-        missed: u64,
-        /// Shown, in order, placed.
-        events: Vec<Arc<LiveEvent>>,
+    /// Events after the client's position (those its filter matches) and
+    /// the events missed just before them, where they were; and the last
+    /// position this step accounts for (everything up to it was shown or
+    /// told).
+    Segment {
+        /// Missed, then shown.
+        segment: Segment,
         /// Resume (or meet the ring) after this position.
         through: u64,
     },
@@ -131,8 +131,7 @@ impl Replays {
                 pattern,
                 placer: (!recorded).then(Placer::new),
                 first: true,
-                missed: 0,
-                events: Vec::new(),
+                read: Replay::default(),
             };
             let mut chunks = consumer.ready_chunks(usize::from(PREFETCH));
             while let Some(items) = chunks.next().await {
@@ -149,7 +148,7 @@ impl Replays {
                     if reading.read(offset, &headers, &delivery.data, &self.ledger) {
                         through = Some(wire::gap_position(offset + 1) - 1);
                     }
-                    if reading.events.len() >= STEP_EVENTS {
+                    if reading.read.events() >= STEP_EVENTS {
                         if let Some(through) = through {
                             if !reading.hand_over(steps, through).await {
                                 return Ok(());
@@ -188,10 +187,8 @@ struct Reading<'a> {
     placer: Option<Placer>,
     /// No message read yet.
     first: bool,
-    /// Missed and not yet handed over.
-    missed: u64,
-    /// Shown and not yet handed over.
-    events: Vec<Arc<LiveEvent>>,
+    /// Read and not yet handed over: missed and shown, in order.
+    read: Replay,
 }
 
 impl Reading<'_> {
@@ -208,7 +205,7 @@ impl Reading<'_> {
             // Retention took the client's message and more: what the ledger
             // knows they held, they missed.
             match lock(ledger).told_between(self.after, offset) {
-                Some(told) => self.missed += told,
+                Some(told) => self.read.miss(told, wire::gap_position(offset)),
                 None => log::warn!(
                     "a client resumed after position {} which the stream no longer holds and \
                      this instance never read: the events in between cannot be counted",
@@ -245,23 +242,40 @@ impl Reading<'_> {
             return false; // Before the client's message: only the rule's memory.
         }
         if offset > self.from {
-            self.missed += gap; // The client's own message's gap came before it.
+            // The client's own message's gap came before it.
+            self.read.miss(gap, wire::gap_position(offset));
         }
         let pattern = self.pattern;
-        self.events.extend(shown.into_iter().filter(|event| {
-            event.position() > self.after && pattern.is_none_or(|p| p.matches(event.routing_key()))
-        }));
+        for event in shown {
+            if event.position() > self.after
+                && pattern.is_none_or(|p| p.matches(event.routing_key()))
+            {
+                self.read.event(event);
+            }
+        }
         true
     }
 
-    /// Hands what was read to the client, waiting until it took the last
-    /// step; `false` once the client is gone.
+    /// Hands what was read to the client, a segment at a time, each once it
+    /// took the last one; `false` once the client is gone. The last segment
+    /// accounts for everything up to `through`; each one before it, up to
+    /// its last event.
     async fn hand_over(&mut self, steps: &mpsc::Sender<ReplayStep>, through: u64) -> bool {
-        let step = ReplayStep::Events {
-            missed: std::mem::take(&mut self.missed),
-            events: std::mem::take(&mut self.events),
-            through,
-        };
-        steps.send(step).await.is_ok()
+        let segments = std::mem::take(&mut self.read).segments;
+        let last = segments.len().saturating_sub(1);
+        for (i, segment) in segments.into_iter().enumerate() {
+            let through = match segment.events.last() {
+                Some(event) if i < last => event.position(),
+                _ => through,
+            };
+            if steps
+                .send(ReplayStep::Segment { segment, through })
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
     }
 }

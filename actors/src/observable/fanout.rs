@@ -22,7 +22,7 @@ use super::{Deliver, ObserverId, Subscribe};
 use crate::history::Replay;
 use crate::internal_events::live::{DropStage, LiveEventsDropped, ObserverLagging};
 use crate::live_event::LiveEvent;
-use crate::messages::LiveBacklog;
+use crate::messages::{LiveBacklog, LivePermit};
 use crate::shared_frames::SharedFrames;
 use crate::topic::TopicPattern;
 
@@ -37,6 +37,8 @@ struct Registration {
     backlog: LiveBacklog,
     /// Events missed since the last delivery that got through.
     missed: u64,
+    /// The last position among them.
+    missed_through: u64,
     /// Whether the first miss was logged already (logged once per observer).
     lag_reported: bool,
     /// The client resumed after this position, which this instance has not
@@ -49,6 +51,38 @@ struct Registration {
 #[derive(Debug, Default)]
 pub(super) struct Registry {
     observers: HashMap<ObserverId, Registration>,
+}
+
+impl Registration {
+    /// `events` more missed, the last at `through`.
+    fn miss(&mut self, events: u64, through: u64) {
+        if events > 0 {
+            self.missed += events;
+            self.missed_through = self.missed_through.max(through);
+        }
+    }
+
+    /// A delivery of `events` (with the misses not told yet before them).
+    fn deliver(
+        &self,
+        events: Arc<[Arc<LiveEvent>]>,
+        permit: Option<LivePermit>,
+        frames: SharedFrames,
+    ) -> Deliver {
+        Deliver {
+            events,
+            missed: self.missed,
+            missed_through: self.missed_through,
+            permit,
+            frames,
+        }
+    }
+
+    /// The misses were told.
+    fn told(&mut self) {
+        self.missed = 0;
+        self.missed_through = 0;
+    }
 }
 
 impl Registry {
@@ -77,6 +111,7 @@ impl Registry {
                     pattern,
                     backlog: msg.backlog,
                     missed: 0,
+                    missed_through: 0,
                     lag_reported: false,
                     skip_through: 0,
                 });
@@ -97,13 +132,16 @@ impl Registry {
         }
     }
 
-    /// Every observer missed `events` more (told with its next delivery).
-    pub(super) fn all_missed(&mut self, events: u64) {
+    /// Every observer missed `events` more, the last at `through` (told
+    /// with its next delivery).
+    pub(super) fn all_missed(&mut self, events: u64, through: u64) {
         if events == 0 {
             return;
         }
         for registration in self.observers.values_mut() {
-            registration.missed += events;
+            if registration.skip_through < through {
+                registration.miss(events, through);
+            }
         }
     }
 
@@ -114,14 +152,9 @@ impl Registry {
             if registration.missed == 0 {
                 continue;
             }
-            let notice = Deliver {
-                events: Arc::new([]),
-                missed: registration.missed,
-                permit: None,
-                frames: SharedFrames::default(),
-            };
+            let notice = registration.deliver(Arc::new([]), None, SharedFrames::default());
             match registration.addr.try_send(notice) {
-                Ok(()) => registration.missed = 0,
+                Ok(()) => registration.told(),
                 Err(SendError::Full(_)) => {}
                 Err(SendError::Closed(_)) => closed.push(*id),
             }
@@ -138,30 +171,37 @@ impl Registry {
         let Some(registration) = self.observers.get_mut(&id) else {
             return;
         };
-        if replay.events.is_empty() && replay.missed == 0 {
-            return;
+        for segment in replay.segments {
+            registration.miss(segment.missed, segment.missed_through);
+            if segment.events.is_empty() {
+                continue;
+            }
+            let n = segment.events.len() as u64;
+            let last = segment.events.last().map_or(0, |e| e.position());
+            let events: Arc<[Arc<LiveEvent>]> = segment.events.into();
+            let permit = registration.backlog.try_acquire(events.len());
+            let deliver = registration.deliver(events, permit, SharedFrames::default());
+            match registration.addr.try_send(deliver) {
+                Ok(()) => registration.told(),
+                Err(SendError::Full(_)) => registration.miss(n, last),
+                Err(SendError::Closed(_)) => {
+                    self.observers.remove(&id);
+                    return;
+                }
+            }
         }
-        let n = replay.events.len() as u64;
-        let events: Arc<[Arc<LiveEvent>]> = replay.events.into();
-        let permit = registration.backlog.try_acquire(events.len());
-        let deliver = Deliver {
-            events,
-            missed: registration.missed + replay.missed,
-            permit,
-            frames: SharedFrames::default(),
-        };
-        match registration.addr.try_send(deliver) {
-            Ok(()) => registration.missed = 0,
-            Err(SendError::Full(_)) => registration.missed += replay.missed + n,
-            Err(SendError::Closed(_)) => {
-                self.observers.remove(&id);
+        if registration.missed > 0 {
+            let notice = registration.deliver(Arc::new([]), None, SharedFrames::default());
+            if registration.addr.try_send(notice).is_ok() {
+                registration.told();
             }
         }
     }
 
-    /// Hands `all` (and the count of events `missed` just before them) to
-    /// every observer whose filter matches, with `try_send`.
-    pub(super) fn fan_out(&mut self, all: &Arc<[Arc<LiveEvent>]>, missed: u64) {
+    /// Hands `all` (and the count of events `missed` just before them, the
+    /// last at `through`) to every observer whose filter matches, with
+    /// `try_send`.
+    pub(super) fn fan_out(&mut self, all: &Arc<[Arc<LiveEvent>]>, missed: u64, through: u64) {
         if self.observers.is_empty() || (all.is_empty() && missed == 0) {
             return;
         }
@@ -180,7 +220,7 @@ impl Registry {
                     .last()
                     .is_some_and(|e| e.position() <= registration.skip_through);
             if !seen_already {
-                registration.missed += missed;
+                registration.miss(missed, through);
             }
             let (mut events, mut frames) = match &registration.pattern {
                 None => everything.clone(),
@@ -214,25 +254,20 @@ impl Registry {
                 continue;
             }
             let n = events.len() as u64;
+            let last = events.last().map_or(0, |e| e.position());
             // No permit: its mailbox already holds a buffer's worth of events.
             let sent = match registration.backlog.try_acquire(events.len()) {
-                Some(permit) => registration.addr.try_send(Deliver {
-                    events,
-                    missed: registration.missed,
-                    permit: Some(permit),
-                    frames,
-                }),
-                None => Err(SendError::Full(Deliver {
-                    events,
-                    missed: 0,
-                    permit: None,
-                    frames,
-                })),
+                Some(permit) => {
+                    registration
+                        .addr
+                        .try_send(registration.deliver(events, Some(permit), frames))
+                }
+                None => Err(SendError::Full(registration.deliver(events, None, frames))),
             };
             match sent {
-                Ok(()) => registration.missed = 0,
+                Ok(()) => registration.told(),
                 Err(SendError::Full(_)) => {
-                    registration.missed += n;
+                    registration.miss(n, last);
                     missed_now += n;
                     if !registration.lag_reported {
                         registration.lag_reported = true;

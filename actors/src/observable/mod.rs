@@ -89,6 +89,9 @@ pub struct Deliver {
     /// Events this observer missed since its last successful delivery. They
     /// came before `events`.
     pub missed: u64,
+    /// The last position those missed events take (0 when none): a client
+    /// told of them resumes after it.
+    pub missed_through: u64,
     /// The events' share of the observer's backlog, given back when handled.
     pub permit: Option<LivePermit>,
     /// The frames of `events`, built once by the first observer that needs
@@ -234,13 +237,14 @@ impl Observable {
     }
 
     /// Copies the Tap dropped since last asked: they take the next positions
-    /// and every observer is told. Returns how many.
-    fn take_upstream_drops(&mut self) -> u64 {
+    /// and every observer is told. Returns how many, and the last position
+    /// they took.
+    fn take_upstream_drops(&mut self) -> (u64, u64) {
         let dropped = self.upstream.take().events;
         if dropped > 0 && self.positions() == Positions::Dense {
             self.history.skip(dropped);
         }
-        dropped
+        (dropped, self.history.head())
     }
 }
 
@@ -249,8 +253,8 @@ impl Actor for Observable {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(LAGGED_INTERVAL, |act, _| {
-            let dropped = act.take_upstream_drops();
-            act.registry.all_missed(dropped);
+            let (dropped, through) = act.take_upstream_drops();
+            act.registry.all_missed(dropped, through);
             act.registry.report_misses();
         });
     }
@@ -278,11 +282,11 @@ impl Handler<Publish> for Observable {
     /// `LIVE_FEED=local`: the Tap's copies, placed at this instance's next
     /// positions.
     fn handle(&mut self, msg: Publish, _ctx: &mut Self::Context) {
-        let dropped = self.take_upstream_drops();
+        let (dropped, through) = self.take_upstream_drops();
         if msg.events.is_empty() || (self.is_empty() && !self.history.keeps_events()) {
             // Nobody to tell and nothing to keep; the positions still advance.
             self.history.skip(msg.events.len() as u64);
-            self.registry.all_missed(dropped);
+            self.registry.all_missed(dropped, through);
             return;
         }
         let first = self.history.next_dense();
@@ -295,7 +299,7 @@ impl Handler<Publish> for Observable {
         for event in all.iter() {
             self.history.push(event.clone());
         }
-        self.registry.fan_out(&all, dropped);
+        self.registry.fan_out(&all, dropped, through);
     }
 }
 
@@ -306,17 +310,18 @@ impl Handler<Feed> for Observable {
     /// it go out in separate deliveries, so that a client's `lagged` notice
     /// sits between the events it sat between in the stream.
     fn handle(&mut self, msg: Feed, _ctx: &mut Self::Context) {
-        let mut missed = 0;
+        let (mut missed, mut through) = (0, 0);
         let mut segment: Vec<Arc<LiveEvent>> = Vec::new();
         for message in msg.messages {
             if message.gap > 0 {
                 if !segment.is_empty() {
                     self.registry
-                        .fan_out(&std::mem::take(&mut segment).into(), missed);
+                        .fan_out(&std::mem::take(&mut segment).into(), missed, through);
                     missed = 0;
                 }
                 self.history.gap_at(message.gap_position, message.gap);
                 missed += message.gap;
+                through = message.gap_position;
             }
             for event in message.shown {
                 if self.history.push(event.clone()) {
@@ -325,10 +330,10 @@ impl Handler<Feed> for Observable {
             }
         }
         if segment.is_empty() {
-            self.registry.all_missed(missed);
+            self.registry.all_missed(missed, through);
             self.registry.report_misses();
         } else {
-            self.registry.fan_out(&segment.into(), missed);
+            self.registry.fan_out(&segment.into(), missed, through);
         }
     }
 }
@@ -341,17 +346,17 @@ impl Handler<SubscribeFrom> for Observable {
             return Resumed::FromStream;
         }
         let id = msg.subscribe.id;
-        let replay = self
+        let mut replay = self
             .history
             .replay(msg.since, msg.subscribe.pattern.as_ref());
         let sparse = self.positions() == Positions::Sparse;
-        if sparse && matches!(msg.since, Since::After(_)) && replay.events.len() > msg.max_replay {
+        if sparse && matches!(msg.since, Since::After(_)) && replay.events() > msg.max_replay {
             // More than the client can take at once: from the stream, at its pace.
             return Resumed::FromStream;
         }
         self.registry.subscribe(msg.subscribe);
         if let Since::After(position) = msg.since {
-            if self.positions() == Positions::Sparse && position > self.history.head() {
+            if sparse && position > self.history.head() {
                 self.registry.skip_through(id, position);
             }
         }
@@ -359,14 +364,11 @@ impl Handler<SubscribeFrom> for Observable {
         // may take to hand it over, counted from now, not the events' age
         // (else a resume after more than `WS_MAX_LAG` away would replay nothing).
         let now = SystemTime::now();
-        let replay = crate::history::Replay {
-            events: replay
-                .events
-                .into_iter()
-                .map(|event| Arc::new(LiveEvent::clone(&event).received(now)))
-                .collect(),
-            missed: replay.missed,
-        };
+        for segment in &mut replay.segments {
+            for event in &mut segment.events {
+                *event = Arc::new(LiveEvent::clone(event).received(now));
+            }
+        }
         self.registry.deliver_replay(id, replay);
         Resumed::Subscribed
     }

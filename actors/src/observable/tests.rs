@@ -393,15 +393,39 @@ async fn a_resume_beyond_the_ring_is_told_the_exact_gap() {
         .send(subscribe_from(1, addr.recipient(), Since::After(5)))
         .await
         .expect("alive");
-    let got = rx.recv().await.expect("the replay");
-    // The 4 dropped copies took positions 31..=34. Held: 26..=30 and
-    // 35..=39. Missed: 6..=25 evicted (20) and the 4 dropped copies.
-    let held: Vec<u64> = (26..=30).chain(35..=39).collect();
-    assert_eq!(positions(&got), held);
-    assert_eq!(got.missed, 20 + 4);
-    // Received + missed == every event after 5 (30 received by the
-    // Observable after 5, plus the 4 the Tap dropped).
-    assert_eq!(got.events.len() as u64 + got.missed, 30 + 4);
+    // Each miss where it happened: 6..=25 evicted (20, told up to 25), then
+    // 26..=30 held, then the 4 dropped copies (which took positions
+    // 31..=34), then 35..=39.
+    let got = told(&mut rx, 2).await;
+    assert_eq!(
+        got,
+        [
+            ((20, 25), (26..=30).collect::<Vec<u64>>()),
+            ((4, 34), (35..=39).collect()),
+        ]
+    );
+}
+
+/// What the next `n` deliveries said, in order: the misses before each
+/// (count, last position) and its events' positions; a notice without
+/// events merges into the next delivery.
+async fn told(rx: &mut mpsc::UnboundedReceiver<Deliver>, n: usize) -> Vec<((u64, u64), Vec<u64>)> {
+    let mut got: Vec<((u64, u64), Vec<u64>)> = Vec::new();
+    let mut pending = (0, 0);
+    for _ in 0..n {
+        let deliver = rx.recv().await.expect("a delivery");
+        pending = (
+            pending.0 + deliver.missed,
+            pending.1.max(deliver.missed_through),
+        );
+        if !deliver.events.is_empty() {
+            got.push((std::mem::take(&mut pending), positions(&deliver)));
+        }
+    }
+    if pending.0 > 0 {
+        got.push((pending, Vec::new()));
+    }
+    got
 }
 
 #[actix::test]
@@ -517,16 +541,26 @@ async fn the_feed_tells_each_gap_where_it_happened_to_live_and_resuming_clients_
         .await
         .expect("alive");
     assert_eq!(resumed, Resumed::Subscribed);
-    let got = late_rx.recv().await.expect("replay");
-    assert_eq!((positions(&got), got.missed), (vec![10_002, 20_001], 3 + 2));
-    // A client told of the first gap already (it saw up to it) is not told again.
-    let (told, mut told_rx) = probe(16, None);
+    // Each gap where it happened, with where it ends.
+    assert_eq!(
+        told(&mut late_rx, 3).await,
+        [
+            ((0, 0), vec![10_002]),
+            ((3, 20_000), vec![20_001]),
+            ((2, 30_000), vec![]),
+        ]
+    );
+    // A client told of the first gap already (it resumes after it) is not
+    // told again.
+    let (again, mut again_rx) = probe(16, None);
     observable
-        .send(subscribe_from(3, told.recipient(), Since::After(20_000)))
+        .send(subscribe_from(3, again.recipient(), Since::After(20_000)))
         .await
         .expect("alive");
-    let got = told_rx.recv().await.expect("replay");
-    assert_eq!((positions(&got), got.missed), (vec![20_001], 2));
+    assert_eq!(
+        told(&mut again_rx, 2).await,
+        [((0, 0), vec![20_001]), ((2, 30_000), vec![])]
+    );
 }
 
 #[actix::test]

@@ -12,8 +12,11 @@
 //! pure and tested on its own. Whenever the client can take more, everything
 //! buffered (up to [`ObserverSettings::max_events_per_frame`] events and a
 //! quarter of the window in bytes) goes out as one frame
-//! `{"type":"events","events":[…]}`, preceded by `{"type":"lagged","missed":N}`
-//! when events were dropped since the last frame, here or upstream.
+//! `{"type":"events","events":[…]}`. Events dropped (here or upstream) are
+//! told where they were, between the frames around them:
+//! `{"type":"lagged","missed":N,"position":P}`, P the last position among
+//! them, so a client that resumes (`?since=`) after the last position it
+//! received or was told of gets every event once.
 //!
 //! # Freshness
 //!
@@ -350,7 +353,7 @@ impl Handler<Deliver> for Observer {
             return;
         }
         if msg.missed > 0 {
-            self.pending.missed(msg.missed);
+            self.pending.missed(msg.missed, msg.missed_through);
         }
         let dropped = self
             .pending

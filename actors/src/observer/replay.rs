@@ -86,17 +86,12 @@ impl Observer {
             return;
         }
         match step {
-            Some(ReplayStep::Events {
-                missed,
-                events,
-                through,
-            }) => {
-                if missed > 0 {
-                    self.pending.missed(missed);
-                }
+            Some(ReplayStep::Segment { segment, through }) => {
+                self.pending.missed(segment.missed, segment.missed_through);
                 // Asked-for history: fresh from now (as a replay from the ring).
                 let now = SystemTime::now();
-                let events: Arc<[Arc<LiveEvent>]> = events
+                let events: Arc<[Arc<LiveEvent>]> = segment
+                    .events
                     .into_iter()
                     .map(|event| Arc::new(LiveEvent::clone(&event).received(now)))
                     .collect();
