@@ -1,15 +1,13 @@
 //! Instrumentation of the cluster-wide live feed (`LIVE_FEED=stream`): what
 //! this instance published to the stream, dropped instead, and read back.
 
-/// Why a copy never made it into the stream.
+/// Why a copy never made it into the stream. (A slow or unreachable broker
+/// is not a reason: the publisher keeps copies until they are confirmed,
+/// within the live backlog, past which the Tap drops and counts them.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FeedDropReason {
-    /// The publisher's queue was full (the broker is slower than the Tap).
+    /// The publisher's channel to its task was full.
     Full,
-    /// Too many publishes were unconfirmed (`LIVE_STREAM_MAX_UNCONFIRMED`).
-    Unconfirmed,
-    /// The broker connection was down.
-    Disconnected,
 }
 
 impl FeedDropReason {
@@ -17,8 +15,6 @@ impl FeedDropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             FeedDropReason::Full => "full",
-            FeedDropReason::Unconfirmed => "unconfirmed",
-            FeedDropReason::Disconnected => "disconnected",
         }
     }
 }
