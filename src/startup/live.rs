@@ -208,7 +208,8 @@ fn feed_settings(config: &Config, tls: &BrokerTls) -> FeedSettings {
         max_unconfirmed: config.live_stream_max_unconfirmed as usize,
         // One sequence per process: a restarted instance is a new origin.
         origin: format!("{}/{}-{started_ms}", config.instance(), std::process::id()),
-        prefetch: 1000,
+        // Stream messages are batches (up to 4,096 events, about 1 MiB).
+        prefetch: 64,
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(10),
     }
