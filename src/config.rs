@@ -240,10 +240,30 @@ pub struct Config {
     #[arg(long, env = "LIVE_STREAM_MAX_BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..))]
     pub live_stream_max_bytes: u64,
 
-    /// `stream` feed: publishes to `P.live` not yet confirmed by the broker,
-    /// at most; past it, copies are dropped and counted (never waited for).
+    /// `stream` feed: batches published to `P.live` and not yet confirmed by
+    /// the broker, at most; the rest wait their turn (bounded by the live
+    /// backlog, in events).
     #[arg(long, env = "LIVE_STREAM_MAX_UNCONFIRMED", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub live_stream_max_unconfirmed: u32,
+
+    /// Events copied to the live path and not yet taken by it (the
+    /// Observable, or with the `stream` feed the publisher, until the broker
+    /// confirms them), at most; past it, copies are dropped and every client
+    /// is told. Bounds the live path's memory whatever the load.
+    #[arg(long, env = "LIVE_BACKLOG", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub live_backlog: u32,
+
+    /// `stream` feed: how long a delivery's ack may wait for its copy to be
+    /// confirmed in `P.live` (what keeps dashboards exact through crashes);
+    /// past it, it is acked anyway and counted
+    /// (`sluice_live_feed_ack_waits_expired_total`).
+    #[arg(long, env = "LIVE_FEED_MAX_WAIT", default_value = "1s", value_parser = parse_duration)]
+    pub live_feed_max_wait: Duration,
+
+    /// `stream` feed: clients resuming from further back than `LIVE_HISTORY`
+    /// that read `P.live` at once on this instance; others wait their turn.
+    #[arg(long, env = "LIVE_MAX_REPLAYS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub live_max_replays: u32,
 
     // WebSocket freshness bound (issue 9).
     /// No WebSocket client is handed an event older than this, counted from

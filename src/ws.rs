@@ -33,6 +33,7 @@ use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use sluice_actors::history::Since;
 use sluice_actors::internal_events::live::WebSocketRefused;
+use sluice_actors::live_feed::replay::Replays;
 use sluice_actors::observable::Observable;
 use sluice_actors::observer::{
     outgoing_channel, Observer, ObserverSettings, Outgoing, SessionSlot,
@@ -81,6 +82,8 @@ pub struct WsState {
     pub observable: Addr<Observable>,
     /// Sessions open now (held by the Observers through [`SessionSlot`]s).
     pub connected: Arc<AtomicUsize>,
+    /// With `LIVE_FEED=stream`: where a resume older than the ring is read.
+    pub replays: Option<Arc<Replays>>,
 }
 
 impl WsState {
@@ -90,7 +93,14 @@ impl WsState {
             config,
             observable,
             connected: Arc::new(AtomicUsize::new(0)),
+            replays: None,
         }
+    }
+
+    /// Reads resumes older than the ring from the stream with `replays`.
+    pub fn with_replays(mut self, replays: Option<Arc<Replays>>) -> WsState {
+        self.replays = replays;
+        self
     }
 }
 
@@ -260,6 +270,7 @@ pub async fn ws_route(
     )
     .with_slot(admission.slot)
     .with_since(admission.since)
+    .with_replays(state.replays.clone())
     .start_with(decode_frames(payload, codec.clone()));
     Ok(response.streaming(encode_frames(frames, codec)))
 }
@@ -602,10 +613,7 @@ mod tests {
             })
         };
         observable
-            .send(Publish {
-                permit: None,
-                events: vec![event("a.1"), event("b.1"), event("a.2")].into(),
-            })
+            .send(Publish::of(vec![event("a.1"), event("b.1"), event("a.2")]))
             .await
             .expect("observable alive");
         let text = match conn.next().await.expect("frame").expect("valid") {

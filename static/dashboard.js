@@ -687,7 +687,13 @@
     body.dataset.worstLoopLagMs = String(Math.round(worstLoopLagMs));
   }, 100);
 
-  function onLagged(count) {
+  function onLagged(count, position) {
+    // Told of events up to `position`: a reconnect resumes after it too, so
+    // that they are neither replayed nor told again.
+    if (Number.isFinite(position) && (lastPosition === null || position > lastPosition)) {
+      lastPosition = position;
+      body.dataset.position = String(lastPosition);
+    }
     lastLaggedAt = Date.now();
     missed += count;
     body.dataset.missed = String(missed);
@@ -698,7 +704,7 @@
 
   let socket = null;
   let topic = new URLSearchParams(location.search).get("topic") || "";
-  /** Position of the newest event shown: a reconnect resumes after it. */
+  /** Position of the newest event shown or told missed: a reconnect resumes after it. */
   let lastPosition = null;
   let retryMs = 500;
 
@@ -742,7 +748,7 @@
         return;
       }
       if (frame.type === "events" && Array.isArray(frame.events)) onEvents(frame.events);
-      else if (frame.type === "lagged" && Number.isFinite(frame.missed)) onLagged(frame.missed);
+      else if (frame.type === "lagged" && Number.isFinite(frame.missed)) onLagged(frame.missed, frame.position);
     });
     ws.addEventListener("close", (close) => {
       if (socket !== ws) return;

@@ -26,6 +26,7 @@ pub mod consumer;
 pub mod event;
 pub mod history;
 pub mod internal_events;
+pub mod live_event;
 pub mod live_feed;
 pub mod mapped_store;
 pub mod messages;

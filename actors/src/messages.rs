@@ -4,8 +4,8 @@
 //! receiver's mailbox is full: that is the backpressure) or `try_send` (never
 //! waits: the live path sheds load). None of them is sent with `do_send`.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -21,6 +21,10 @@ use crate::event::{DeadLetter, DeliveryRef, Event, EventData};
 pub struct Ingest {
     /// The events, oldest first.
     pub events: Vec<Event>,
+    /// The last delivery of the chunk, valid event or not: with
+    /// `LIVE_FEED=stream`, deliveries up to it are acked only once the
+    /// copies of the chunk (and of every chunk before) are in the stream.
+    pub through: Option<DeliveryRef>,
 }
 
 /// The Queue's answer to [`Ingest`]: what its overload policy dropped.
@@ -76,8 +80,9 @@ pub struct Settle {
     pub dead: Vec<DeadLetter>,
 }
 
-/// Tap → Observable: a copy of a chunk of events for the live path.
-/// Sent with `try_send`; a full mailbox drops the copy.
+/// Tap → Observable (or, with `LIVE_FEED=stream`, the feed publisher): a
+/// copy of a chunk of events for the live path. Sent with `try_send`; a full
+/// mailbox drops the copy.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Publish {
@@ -86,6 +91,20 @@ pub struct Publish {
     /// The events' share of the live path's backlog, given back when this
     /// message is handled or dropped (`None` outside the Tap, e.g. in tests).
     pub permit: Option<LivePermit>,
+    /// The last delivery these copies cover (see [`Ingest::through`]).
+    pub through: Option<DeliveryRef>,
+}
+
+impl Publish {
+    /// Copies of `events` with no backlog share and no delivery to cover
+    /// (tests and stand-ins).
+    pub fn of(events: impl Into<Arc<[Arc<EventData>]>>) -> Publish {
+        Publish {
+            events: events.into(),
+            permit: None,
+            through: None,
+        }
+    }
 }
 
 /// Bounds, in events, the messages on their way to a live-path actor (Tap →
@@ -130,22 +149,41 @@ impl LiveBacklog {
     }
 }
 
-/// Events whose copies the Tap could not hand to the Observable, not yet
-/// told to observers. The Tap adds; the Observable takes them and tells every
-/// observer (the Tap does not match topics, so an observer with a filter may
-/// be told of more misses than it would have received).
+/// Events whose copies the Tap could not hand to the live path, not yet
+/// told. The Tap adds; the Observable (or the feed publisher, which numbers
+/// them so that readers of the stream see the gap) takes them. The Tap does
+/// not match topics, so an observer with a filter may be told of more misses
+/// than it would have received.
 #[derive(Debug, Clone, Default)]
-pub struct DroppedCopies(Arc<AtomicU64>);
+pub struct DroppedCopies(Arc<Mutex<Dropped>>);
+
+/// See [`DroppedCopies`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Copies dropped.
+    pub events: u64,
+    /// The last delivery they covered.
+    pub through: Option<DeliveryRef>,
+}
 
 impl DroppedCopies {
-    /// Records `events` more dropped copies.
-    pub fn add(&self, events: u64) {
-        self.0.fetch_add(events, Ordering::AcqRel);
+    /// Records `events` more dropped copies, covering deliveries up to `through`.
+    pub fn add(&self, events: u64, through: Option<DeliveryRef>) {
+        let mut dropped = self.lock();
+        dropped.events += events;
+        dropped.through = dropped.through.max(through);
     }
 
-    /// Takes the count not yet told, leaving zero.
-    pub fn take(&self) -> u64 {
-        self.0.swap(0, Ordering::AcqRel)
+    /// Takes what was not told yet, leaving nothing.
+    pub fn take(&self) -> Dropped {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Dropped> {
+        // The counter stays consistent whatever panicked while holding it.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -7,8 +7,11 @@
 //! settled *by ack* at or below `W` — never past an unsettled delivery, and
 //! never naming a tag that was rejected individually (the broker would close
 //! the channel for an unknown tag).
+//!
+//! An ack may also be held below a *limit* ([`Settlement::take_ack_within`]):
+//! with `LIVE_FEED=stream`, the highest delivery whose copy is in the stream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// How a delivery was settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +33,9 @@ pub struct Settlement {
     ackable: u64,
     /// Highest tag already acked to the broker (with `multiple = true`).
     acked: u64,
+    /// Tags rejected on their own, above `acked` and at most `watermark`
+    /// (rare): an ack held below a limit must not name one.
+    rejected: BTreeSet<u64>,
     /// Deliveries settled so far on this channel.
     settled: u64,
 }
@@ -59,17 +65,40 @@ impl Settlement {
 
     fn advance_to(&mut self, tag: u64, how: Settled) {
         self.watermark = tag;
-        if how == Settled::Ack {
-            self.ackable = tag;
+        match how {
+            Settled::Ack => self.ackable = tag,
+            Settled::Rejected => {
+                self.rejected.insert(tag);
+            }
         }
     }
 
     /// The tag to ack with `multiple = true` now, if any; marks it as sent.
     pub fn take_ack(&mut self) -> Option<u64> {
-        (self.ackable > self.acked).then(|| {
-            self.acked = self.ackable;
-            self.acked
+        self.take_ack_within(u64::MAX)
+    }
+
+    /// As [`Settlement::take_ack`], but naming no tag above `limit`.
+    pub fn take_ack_within(&mut self, limit: u64) -> Option<u64> {
+        let mut tag = self.ackable.min(limit);
+        while tag > self.acked && self.rejected.contains(&tag) {
+            tag -= 1;
+        }
+        (tag > self.acked).then(|| {
+            self.acked = tag;
+            self.rejected = self.rejected.split_off(&(tag + 1));
+            tag
         })
+    }
+
+    /// The highest tag that would be acked without a limit.
+    pub fn ackable(&self) -> u64 {
+        self.ackable
+    }
+
+    /// Whether every tag settled by ack up to the watermark was acked.
+    pub fn fully_acked(&self) -> bool {
+        self.acked >= self.ackable
     }
 
     /// Every tag at or below this one is settled.
@@ -120,6 +149,29 @@ mod tests {
             Some(4),
             "a multiple ack may span rejected tags"
         );
+    }
+
+    #[test]
+    fn a_limit_holds_the_ack_back_and_never_names_a_rejected_tag() {
+        let mut s = Settlement::new();
+        for tag in 1..=6 {
+            let how = if tag == 4 {
+                Settled::Rejected
+            } else {
+                Settled::Ack
+            };
+            s.settle(tag, how);
+        }
+        assert_eq!(s.take_ack_within(2), Some(2), "held at the limit");
+        assert!(!s.fully_acked());
+        assert_eq!(s.take_ack_within(4), Some(3), "4 was rejected on its own");
+        assert_eq!(s.take_ack_within(4), None);
+        assert_eq!(
+            s.take_ack_within(10),
+            Some(6),
+            "past it once the limit moves"
+        );
+        assert!(s.fully_acked());
     }
 
     #[test]

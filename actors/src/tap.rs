@@ -11,6 +11,10 @@
 //! [`MAX_GATHERED`] events, past which the copies go at once. When the live
 //! path's mailbox or backlog is full the copies are dropped and counted, so a
 //! slow live path can never slow the database.
+//!
+//! Each copy says which deliveries it covers (the last one of its chunks),
+//! so that with `LIVE_FEED=stream` the Consumer acks a delivery only once
+//! its copy is in the stream ([`Tap::covering_deliveries`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,7 +22,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::event::EventData;
+use crate::event::{DeliveryRef, EventData};
 use crate::internal_events::live::TapCopyDropped;
 use crate::messages::{Admitted, DroppedCopies, Ingest, LiveBacklog, Publish};
 
@@ -44,6 +48,11 @@ pub struct Tap {
     dropped: DroppedCopies,
     /// Copies gathered and not yet sent, oldest first.
     gathered: Vec<Arc<EventData>>,
+    /// The last delivery the gathered copies cover.
+    through: Option<DeliveryRef>,
+    /// Hand over the deliveries covered even when no copy was gathered
+    /// (a chunk of dead letters only): the stream feed's ack gate needs them.
+    covering: bool,
     /// How long to gather; zero sends every chunk's copies at once.
     coalesce: Duration,
     /// A send of `gathered` is scheduled.
@@ -76,6 +85,8 @@ impl Tap {
             backlog,
             dropped,
             gathered: Vec::new(),
+            through: None,
+            covering: false,
             coalesce: LIVE_COALESCE,
             flush_scheduled: false,
         }
@@ -87,24 +98,35 @@ impl Tap {
         Tap { coalesce, ..self }
     }
 
+    /// Hands over the deliveries covered even by chunks without a single
+    /// copy (`LIVE_FEED=stream`, where acks wait for the copies).
+    pub fn covering_deliveries(self) -> Self {
+        Tap {
+            covering: true,
+            ..self
+        }
+    }
+
     /// Sends the gathered copies to the live path in one message, or drops
     /// and counts them when it is full.
     fn flush(&mut self) {
         self.flush_scheduled = false;
-        if self.gathered.is_empty() {
+        if self.gathered.is_empty() && !(self.covering && self.through.is_some()) {
             return;
         }
         let copy: Arc<[Arc<EventData>]> = std::mem::take(&mut self.gathered).into();
+        let through = self.through.take();
         let events = copy.len();
         let sent = self.backlog.try_acquire(events).is_some_and(|permit| {
             let publish = Publish {
                 events: copy,
                 permit: Some(permit),
+                through,
             };
             self.observable.try_send(publish).is_ok()
         });
         if !sent {
-            self.dropped.add(events as u64);
+            self.dropped.add(events as u64, through);
             TapCopyDropped { events }.emit();
         }
     }
@@ -130,12 +152,17 @@ impl Handler<Ingest> for Tap {
         if self.observers.load(Ordering::Relaxed) > 0 {
             self.gathered
                 .extend(msg.events.iter().map(|e| e.data.clone()));
+            self.through = self.through.max(msg.through);
             if self.coalesce.is_zero() || self.gathered.len() >= MAX_GATHERED {
                 self.flush();
             } else if !self.flush_scheduled {
                 self.flush_scheduled = true;
                 ctx.run_later(self.coalesce, |tap, _| tap.flush());
             }
+        }
+        if msg.events.is_empty() {
+            // Only news of the deliveries covered (see `covering_deliveries`).
+            return Box::pin(actix::fut::ready(Admitted::default()));
         }
         let queue = self.queue.clone();
         Box::pin(
@@ -214,6 +241,7 @@ mod tests {
         for tag in 0..n {
             tap.send(Ingest {
                 events: vec![event(tag)],
+                through: Some(DeliveryRef { channel: 1, tag }),
             })
             .await
             .expect("tap alive");
@@ -296,7 +324,7 @@ mod tests {
             "100 chunks went to the live path in {messages} messages"
         );
         assert_eq!(admitted.load(Ordering::SeqCst), 100);
-        assert_eq!(dropped.take(), 0);
+        assert_eq!(dropped.take().events, 0);
     }
 
     #[actix::test]
@@ -314,6 +342,7 @@ mod tests {
         // The chunk is never admitted: the reader would wait here.
         tap.do_send(Ingest {
             events: vec![event(1), event(2)],
+            through: None,
         });
         let copy = tokio::time::timeout(Duration::from_secs(5), copies.recv())
             .await
@@ -339,6 +368,15 @@ mod tests {
         .start();
         send_chunks(&tap, 30).await;
         assert_eq!(admitted.load(Ordering::SeqCst), 30);
-        assert!(dropped.take() >= 20, "copies past the bound are counted");
+        let dropped = dropped.take();
+        assert!(dropped.events >= 20, "copies past the bound are counted");
+        assert_eq!(
+            dropped.through,
+            Some(DeliveryRef {
+                channel: 1,
+                tag: 29
+            }),
+            "with the deliveries they covered"
+        );
     }
 }

@@ -398,7 +398,7 @@ pub fn cpus() -> usize {
 /// (`prefer`) would encrypt to the local server, while every baseline here
 /// (the plain pipeline, the PostgreSQL ceiling) speaks plain TCP; the ratios
 /// compare like with like.
-fn plain_tcp(url: String) -> String {
+pub(crate) fn plain_tcp(url: String) -> String {
     if url.contains("sslmode=") {
         url
     } else if url.contains('?') {

@@ -4,11 +4,14 @@
 //! built while a failure still has nothing to stop); nothing here fails.
 
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::dev::channel::{self, AddressReceiver};
 use actix::prelude::*;
+use sluice_actors::consumer::FeedGate;
+use sluice_actors::live_feed::ledger::Ledger;
+use sluice_actors::live_feed::replay::Replays;
 use sluice_actors::live_feed::{self, publisher::FeedPublisher, FeedSettings};
 use sluice_actors::messages::{DroppedCopies, LiveBacklog, Publish};
 use sluice_actors::observable::Observable;
@@ -20,19 +23,25 @@ use crate::config::{Config, LiveFeedArg};
 /// consuming anyway (`LIVE_FEED=stream`).
 const FEED_ATTACH_WAIT: Duration = Duration::from_secs(10);
 
-/// Most events copied to the live path and not yet handled by the Observable.
-const LIVE_BACKLOG_EVENTS: usize = 16 * 1024;
-
 /// Messages waiting for the Observable and for the FeedPublisher. Small
 /// chunks are many messages; memory is bounded in events by the Tap's
 /// `LiveBacklog` instead.
 const LIVE_MAILBOX: usize = 1024;
 
 /// The live path before it runs: the Observable's address, and the mailbox
-/// it will read once started.
+/// it will read once started; with `LIVE_FEED=stream`, the feed.
 pub struct LivePath {
     observable: Addr<Observable>,
     mailbox: AddressReceiver<Observable>,
+    feed: Option<Feed>,
+}
+
+/// `LIVE_FEED=stream`: the stream's settings, the reader's ledger of its
+/// decisions (shared with the replays), and the replays of it.
+struct Feed {
+    settings: FeedSettings,
+    ledger: Arc<Mutex<Ledger>>,
+    replays: Arc<Replays>,
 }
 
 /// What the Tap copies into, once the live path runs.
@@ -45,16 +54,33 @@ pub struct Copies {
     pub backlog: LiveBacklog,
     /// Copies the Tap could not hand over, told to clients as missed.
     pub dropped: DroppedCopies,
+    /// With `LIVE_FEED=stream`: acks wait for the copies in the stream.
+    pub gate: Option<FeedGate>,
 }
 
 impl LivePath {
     /// The Observable's address, usable before the actor runs (messages
     /// wait in its mailbox, bounded as ever).
-    pub fn reserve() -> LivePath {
+    pub fn reserve(config: &Config, tls: &BrokerTls) -> LivePath {
         let (sender, mailbox) = channel::channel(LIVE_MAILBOX);
+        let feed = (config.live_feed == LiveFeedArg::Stream).then(|| {
+            let settings = feed_settings(config, tls);
+            let ledger = Arc::new(Mutex::new(Ledger::new()));
+            let replays = Arc::new(Replays::new(
+                settings.clone(),
+                ledger.clone(),
+                config.live_max_replays as usize,
+            ));
+            Feed {
+                settings,
+                ledger,
+                replays,
+            }
+        });
         LivePath {
             observable: Addr::new(sender),
             mailbox,
+            feed,
         }
     }
 
@@ -63,17 +89,17 @@ impl LivePath {
         self.observable.clone()
     }
 
+    /// With `LIVE_FEED=stream`: where Observers read resumes older than the ring.
+    pub fn replays(&self) -> Option<Arc<Replays>> {
+        self.feed.as_ref().map(|feed| feed.replays.clone())
+    }
+
     /// Starts the Observable (and the feed) on a new arbiter, which the
     /// caller keeps for as long as the service runs. `observers` counts the
     /// open WebSocket sessions. With `LIVE_FEED=stream`, waits (at most
     /// [`FEED_ATTACH_WAIT`]) until the feed reads the stream, so that this
     /// instance's dashboards see every event it stores from the start.
-    pub async fn start(
-        self,
-        config: &Config,
-        tls: &BrokerTls,
-        observers: Arc<AtomicUsize>,
-    ) -> (Arbiter, Copies) {
+    pub async fn start(self, config: &Config, observers: Arc<AtomicUsize>) -> (Arbiter, Copies) {
         let arbiter = Arbiter::new();
         let dropped = DroppedCopies::default();
         let upstream_drops = dropped.clone();
@@ -82,6 +108,7 @@ impl LivePath {
         let LivePath {
             observable,
             mailbox,
+            feed,
         } = self;
         arbiter.spawn_fn(move || {
             let observable = if stream_feed {
@@ -102,42 +129,50 @@ impl LivePath {
         } else {
             observers
         };
-        let target = if stream_feed {
-            start_feed(config, tls, &arbiter, observable, &dropped).await
-        } else {
-            observable.recipient()
+        let (target, gate) = match feed {
+            Some(feed) => {
+                let (target, done) = start_feed(feed, &arbiter, observable, &dropped).await;
+                let gate = FeedGate {
+                    done,
+                    max_wait: config.live_feed_max_wait,
+                };
+                (target, Some(gate))
+            }
+            None => (observable.recipient(), None),
         };
         let copies = Copies {
             target,
             demand,
-            backlog: LiveBacklog::new(LIVE_BACKLOG_EVENTS),
+            backlog: LiveBacklog::new(config.live_backlog as usize),
             dropped,
+            gate,
         };
         (arbiter, copies)
     }
 }
 
 /// `LIVE_FEED=stream`: the reader of the stream (feeding `observable`) and
-/// the publisher into it (the Tap's copy target), both on `arbiter`.
+/// the publisher into it (the Tap's copy target), both on `arbiter`. Also
+/// returns where the publisher tells which deliveries' copies are in the
+/// stream (the Consumer's ack gate).
 async fn start_feed(
-    config: &Config,
-    tls: &BrokerTls,
+    feed: Feed,
     arbiter: &Arbiter,
     observable: Addr<Observable>,
     dropped: &DroppedCopies,
-) -> Recipient<Publish> {
-    let feed = feed_settings(config, tls);
+) -> (
+    Recipient<Publish>,
+    tokio::sync::watch::Receiver<Option<sluice_actors::DeliveryRef>>,
+) {
+    let Feed {
+        settings, ledger, ..
+    } = feed;
     log::info!(
         "live feed: stream {} (every instance's events, one order)",
-        feed.stream
+        settings.stream
     );
     let (attached, reading) = tokio::sync::oneshot::channel();
-    let reader = live_feed::reader::run(
-        feed.clone(),
-        observable.recipient(),
-        LiveBacklog::new(LIVE_BACKLOG_EVENTS),
-        attached,
-    );
+    let reader = live_feed::reader::run(settings.clone(), observable.recipient(), ledger, attached);
     arbiter.spawn(reader);
     // Read the stream before consuming the ingest queue.
     if tokio::time::timeout(FEED_ATTACH_WAIT, reading)
@@ -147,15 +182,16 @@ async fn start_feed(
         log::warn!(
             "the live feed is not reading {} after {FEED_ATTACH_WAIT:?}; \
              starting anyway (it keeps trying)",
-            feed.stream
+            settings.stream
         );
     }
+    let (done, gate) = tokio::sync::watch::channel(None);
     let drops = dropped.clone();
-    FeedPublisher::start_in_arbiter(&arbiter.handle(), move |ctx| {
+    let publisher = FeedPublisher::start_in_arbiter(&arbiter.handle(), move |ctx| {
         ctx.set_mailbox_capacity(LIVE_MAILBOX);
-        FeedPublisher::new(feed, drops)
-    })
-    .recipient()
+        FeedPublisher::new(settings, drops, done)
+    });
+    (publisher.recipient(), gate)
 }
 
 /// The live feed's settings (`LIVE_FEED=stream`).
@@ -172,7 +208,8 @@ fn feed_settings(config: &Config, tls: &BrokerTls) -> FeedSettings {
         max_unconfirmed: config.live_stream_max_unconfirmed as usize,
         // One sequence per process: a restarted instance is a new origin.
         origin: format!("{}/{}-{started_ms}", config.instance(), std::process::id()),
-        prefetch: 1000,
+        // Stream messages are batches (up to 4,096 events, about 1 MiB).
+        prefetch: 64,
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(10),
     }

@@ -62,8 +62,10 @@ impl Application {
         let port = http::Port::bind(config.http_addr)?;
         let broker_tls = config.broker_tls()?;
         let database = Database::open(&config).await?;
-        let live = LivePath::reserve();
-        let ws = web::Data::new(WsState::new(config.ws(), live.observable()));
+        let live = LivePath::reserve(&config, &broker_tls);
+        let ws = web::Data::new(
+            WsState::new(config.ws(), live.observable()).with_replays(live.replays()),
+        );
         let observers = ws.connected.clone();
         let broker = BrokerStatus::default();
         let writes_held = WriteHold::default();
@@ -90,7 +92,7 @@ impl Application {
         )?;
 
         // Then the actors; nothing below can fail.
-        let (live_arbiter, copies) = live.start(&config, &broker_tls, observers).await;
+        let (live_arbiter, copies) = live.start(&config, observers).await;
         let consumer = pipeline::start(
             &config,
             broker_tls,

@@ -46,17 +46,24 @@ pub fn start(
         ctx.set_mailbox_capacity(writers + 4);
         Queue::new(queue_settings)
     });
+    let gated = copies.gate.is_some();
     let tap = Tap::create(|ctx| {
         ctx.set_mailbox_capacity(2);
-        Tap::new(
+        let tap = Tap::new(
             queue.clone().recipient(),
             copies.target,
             copies.demand,
             copies.backlog,
             copies.dropped,
-        )
+        );
+        if gated {
+            tap.covering_deliveries()
+        } else {
+            tap
+        }
     });
-    let settings = consumer_settings(config, tls);
+    let mut settings = consumer_settings(config, tls);
+    settings.feed_gate = copies.gate;
     let consumer = Consumer::create(move |ctx| {
         ctx.set_mailbox_capacity(writers + 4);
         Consumer::new(settings, tap.recipient(), broker)
@@ -90,5 +97,6 @@ fn consumer_settings(config: &Config, tls: BrokerTls) -> ConsumerSettings {
         reconnect_min: Duration::from_millis(100),
         reconnect_max: Duration::from_secs(10),
         stall_timeout: config.amqp_stall_timeout,
+        feed_gate: None,
     }
 }

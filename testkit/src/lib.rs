@@ -5,6 +5,7 @@
 //! - [`db`]: a throwaway PostgreSQL database per test, dropped afterwards.
 //! - [`amqp`]: a unique topology prefix per test, a publisher with confirms,
 //!   queue inspection and clean-up.
+//! - [`broker`]: a RabbitMQ node of a test's own, which it may restart.
 //! - [`tls`]: a certificate authority made at test time, and a
 //!   TLS-terminating proxy to put in front of the plain local broker.
 //! - [`service`]: the `sluice` binary as a child process, with its logs captured,
@@ -17,12 +18,14 @@
 //! `DATABASE_URL_BASE`).
 
 pub mod amqp;
+pub mod broker;
 pub mod db;
 pub mod proxy;
 pub mod service;
 pub mod tls;
 
 pub use amqp::{unique_prefix, Publisher, TopologyGuard};
+pub use broker::PrivateBroker;
 pub use db::{fresh_database, TestDb};
 pub use proxy::{Mode, Proxy};
 pub use service::{eventually, wait_until, Service};

@@ -28,6 +28,8 @@ pub struct Collected {
     pub events: Vec<Seen>,
     /// Events `lagged` frames said were missed.
     pub missed: u64,
+    /// The last position a `lagged` frame said it told of.
+    pub told_through: u64,
 }
 
 impl Collected {
@@ -41,10 +43,26 @@ impl Collected {
         self.events.last().map(|e| e.position)
     }
 
+    /// Where to resume: after the newest position received or told missed.
+    pub fn resume_after(&self) -> u64 {
+        self.last_position().unwrap_or(0).max(self.told_through)
+    }
+
     /// The message ids received, in order.
     pub fn ids(&self) -> Vec<String> {
         self.events.iter().map(|e| e.message_id.clone()).collect()
     }
+}
+
+/// What one read came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    /// A frame that counts (events or `lagged`).
+    Frame,
+    /// Nothing in time.
+    Timeout,
+    /// The server went away.
+    Gone,
 }
 
 /// A session on `/ws`.
@@ -52,6 +70,8 @@ pub struct LiveClient {
     framed: Framed<BoxedSocket, Codec>,
     /// What was read so far.
     pub got: Collected,
+    /// A slow client: it takes this long over each frame.
+    pace: Option<Duration>,
 }
 
 impl LiveClient {
@@ -69,25 +89,44 @@ impl LiveClient {
         LiveClient {
             framed,
             got: Collected::default(),
+            pace: None,
         }
     }
 
-    /// Reads one meaningful frame (answering pings) into `got`; `false` at
-    /// `deadline`. Fails the test on a close or an unreadable frame.
-    async fn read_one(&mut self, deadline: Instant) -> bool {
+    /// A client that takes `pace` over each frame (a slow dashboard).
+    pub fn with_pace(mut self, pace: Duration) -> LiveClient {
+        self.pace = Some(pace);
+        self
+    }
+
+    /// Reads one meaningful frame (answering pings) into `got`. Fails the
+    /// test on an unreadable frame, or on a close unless `gone_is_fine`.
+    async fn read_one(&mut self, deadline: Instant, gone_is_fine: bool) -> Read {
+        if let Some(pace) = self.pace {
+            // The client's own slowness, not a wait for anything.
+            tokio::time::sleep(pace).await;
+        }
         loop {
             let frame = match tokio::time::timeout_at(deadline, self.framed.next()).await {
-                Err(_) => return false,
+                Err(_) => return Read::Timeout,
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Frame::Close(_)))) if gone_is_fine => {
+                    return Read::Gone
+                }
                 Ok(None) => panic!("the server ended the session"),
                 Ok(Some(Err(e))) => panic!("reading /ws: {e}"),
                 Ok(Some(Ok(frame))) => frame,
             };
             match frame {
-                Frame::Ping(payload) => self
-                    .framed
-                    .send(Message::Pong(payload))
-                    .await
-                    .expect("pong"),
+                Frame::Ping(payload)
+                    if self
+                        .framed
+                        .send(Message::Pong(payload.clone()))
+                        .await
+                        .is_err() =>
+                {
+                    assert!(gone_is_fine, "the server ended the session");
+                    return Read::Gone;
+                }
                 Frame::Text(text) => {
                     let v: serde_json::Value = serde_json::from_slice(&text).expect("JSON frame");
                     match v["type"].as_str() {
@@ -104,15 +143,38 @@ impl LiveClient {
                         }
                         Some("lagged") => {
                             self.got.missed += v["missed"].as_u64().expect("missed count");
+                            if let Some(position) = v["position"].as_u64() {
+                                self.got.told_through = self.got.told_through.max(position);
+                            }
                         }
                         _ => {} // other notices (e.g. freshness) do not count here
                     }
-                    return true;
+                    return Read::Frame;
                 }
                 Frame::Close(reason) => panic!("the server closed the session: {reason:?}"),
                 _ => {}
             }
         }
+    }
+
+    /// Reads until received + missed reaches `total`, or until the server
+    /// goes away (its instance was killed): `false` then. Fails if it passes
+    /// `total`, or if that takes longer than [`CLIENT_WAIT`].
+    pub async fn read_until_accounted_or_gone(&mut self, total: u64) -> bool {
+        let deadline = Instant::now() + CLIENT_WAIT;
+        while self.got.accounted() < total {
+            match self.read_one(deadline, true).await {
+                Read::Frame => {}
+                Read::Gone => return false,
+                Read::Timeout => panic!(
+                    "after {CLIENT_WAIT:?}: {} received + {} missed of {total}",
+                    self.got.events.len(),
+                    self.got.missed
+                ),
+            }
+        }
+        assert_eq!(self.got.accounted(), total, "more than happened");
+        true
     }
 
     /// Reads until received + missed reaches `total` (failing if it passes
@@ -121,7 +183,7 @@ impl LiveClient {
         let deadline = Instant::now() + CLIENT_WAIT;
         while self.got.accounted() < total {
             assert!(
-                self.read_one(deadline).await,
+                matches!(self.read_one(deadline, false).await, Read::Frame),
                 "after {CLIENT_WAIT:?}: {} received + {} missed of {total}",
                 self.got.events.len(),
                 self.got.missed
@@ -130,16 +192,45 @@ impl LiveClient {
         assert_eq!(self.got.accounted(), total, "more than happened");
     }
 
+    /// Reads until the frame just read is a `lagged` notice, after at least
+    /// one event (a client that leaves right after it was told of a miss).
+    pub async fn read_until_told(&mut self) {
+        let deadline = Instant::now() + CLIENT_WAIT;
+        loop {
+            let missed = self.got.missed;
+            assert_eq!(
+                self.read_one(deadline, false).await,
+                Read::Frame,
+                "after {CLIENT_WAIT:?}: no lagged notice ({} received)",
+                self.got.events.len()
+            );
+            if self.got.missed > missed && !self.got.events.is_empty() {
+                return;
+            }
+        }
+    }
+
     /// Reads until at least `n` events were received.
     pub async fn read_until_received(&mut self, n: usize) {
         let deadline = Instant::now() + CLIENT_WAIT;
         while self.got.events.len() < n {
             assert!(
-                self.read_one(deadline).await,
+                matches!(self.read_one(deadline, false).await, Read::Frame),
                 "after {CLIENT_WAIT:?}: {} received of {n}",
                 self.got.events.len()
             );
         }
+    }
+
+    /// Opens a new session on `addr` after the last position this one
+    /// received (`?since=`), keeping what it read: a dashboard whose
+    /// instance went away, coming back elsewhere.
+    pub async fn resume_on(self, addr: std::net::SocketAddr) -> LiveClient {
+        let since = self.got.resume_after();
+        let mut resumed = LiveClient::connect(addr, &format!("?since={since}")).await;
+        resumed.got = self.got;
+        resumed.pace = self.pace;
+        resumed
     }
 
     /// Closes the session (normal closure).

@@ -4,8 +4,14 @@
 use std::path::Path;
 use std::sync::{Arc, Barrier};
 
+use std::collections::HashSet;
+
 use sluice_testkit::amqp::{self, QueueCounts};
-use sluice_testkit::{eventually, unique_prefix, Publisher, Service, TestDb, TopologyGuard};
+use sluice_testkit::{
+    eventually, fresh_database, unique_prefix, Publisher, Service, TestDb, TopologyGuard,
+};
+
+use crate::client::{Collected, LiveClient};
 
 pub use crate::common::{get, PATIENCE};
 
@@ -30,8 +36,17 @@ impl Cluster {
     /// released together by a barrier), with `extra` settings, and waits
     /// until every one of them consumes.
     pub async fn start(db: TestDb, n: usize, extra: &[(&str, String)]) -> Cluster {
+        Cluster::start_on(amqp::amqp_url(), db, n, extra).await
+    }
+
+    /// As [`Cluster::start`], on the broker at `amqp_url`.
+    pub async fn start_on(
+        amqp_url: String,
+        db: TestDb,
+        n: usize,
+        extra: &[(&str, String)],
+    ) -> Cluster {
         let prefix = unique_prefix();
-        let amqp_url = amqp::amqp_url();
         let topology = TopologyGuard::new(&amqp_url, &prefix);
         let mut env: Vec<(String, String)> = vec![
             ("DATABASE_URL".to_owned(), db.url()),
@@ -178,4 +193,54 @@ pub async fn wait_ready(node: &Service) {
         }
     })
     .await;
+}
+
+/// Starts 3 instances with the stream feed and waits until each reads it.
+pub async fn stream_cluster(extra: &[(&str, &str)]) -> Cluster {
+    stream_cluster_on(amqp::amqp_url(), extra).await
+}
+
+/// As [`stream_cluster`], on the broker at `amqp_url`.
+pub async fn stream_cluster_on(amqp_url: String, extra: &[(&str, &str)]) -> Cluster {
+    let mut env = vec![
+        ("LIVE_FEED", "stream".to_owned()),
+        ("WS_BUFFER", "8192".to_owned()),
+        // These tests are about every event in one order across instances,
+        // not freshness (`tests/live` freshness has that): a CI machine that
+        // stalls three instances for over 2 s must not turn into told misses.
+        ("WS_MAX_LAG", "60s".to_owned()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let cluster = Cluster::start_on(amqp_url, fresh_database().await, INSTANCES, &env).await;
+    for node in &cluster.nodes {
+        node.wait_for_log("live feed reader: connected", PATIENCE);
+    }
+    cluster
+}
+
+/// Every received id is one of `<tag>-0..n`, none twice; returns the set.
+pub fn distinct_ids(tag: &str, got: &Collected) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    for id in got.ids() {
+        assert!(id.starts_with(&format!("{tag}-")), "a stranger: {id}");
+        assert!(seen.insert(id.clone()), "{id} received twice");
+    }
+    seen
+}
+
+/// Starts each client reading until `total` events are accounted for, on a
+/// task of its own, so that every client reads while the events flow.
+pub fn read_while_publishing(
+    clients: Vec<LiveClient>,
+    total: u64,
+) -> Vec<actix_web::rt::task::JoinHandle<LiveClient>> {
+    clients
+        .into_iter()
+        .map(|mut client| {
+            actix_web::rt::spawn(async move {
+                client.read_until_accounted(total).await;
+                client
+            })
+        })
+        .collect()
 }

@@ -23,10 +23,12 @@
 
 mod acker;
 mod dead_letter;
+mod gate;
 mod link;
 mod reader;
 mod topology;
 
+pub use gate::FeedGate;
 pub use topology::Topology;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +42,7 @@ use tokio::sync::oneshot;
 
 use crate::event::{DeadLetter, Limits};
 use crate::internal_events::datastore::{AmqpConnected, AmqpReconnecting, Settled as SettledEvent};
+use crate::internal_events::live_feed::FeedAckWaitExpired;
 use crate::messages::{Ingest, Settle};
 use crate::settlement::{Settled, Settlement};
 use dead_letter::dead_letter;
@@ -70,6 +73,9 @@ pub struct ConsumerSettings {
     /// deliveries are pending and none was settled for this long. Keep it
     /// well under RabbitMQ's `consumer_timeout` (30 minutes by default).
     pub stall_timeout: Duration,
+    /// With `LIVE_FEED=stream`: ack a delivery only once its copy is in the
+    /// stream, or after `max_wait` (see [`gate`]).
+    pub feed_gate: Option<FeedGate>,
 }
 
 /// Whether the Consumer is connected and consuming; shared with `/readyz`.
@@ -111,6 +117,8 @@ pub struct Consumer {
     stream_done: bool,
     /// Answered once everything read has been settled and the connection closed.
     drained: Vec<oneshot::Sender<()>>,
+    /// Acks the live feed's gate holds back (`None` without the gate).
+    held: Option<gate::Held>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -127,7 +135,12 @@ impl Consumer {
     /// A Consumer sending events to `tap`; it connects when started.
     pub fn new(settings: ConsumerSettings, tap: Recipient<Ingest>, status: BrokerStatus) -> Self {
         let backoff = new_backoff(&settings);
+        let held = settings
+            .feed_gate
+            .as_ref()
+            .map(|gate| gate::Held::new(gate.max_wait));
         Consumer {
+            held,
             settings,
             tap,
             link: None,
@@ -174,6 +187,9 @@ impl Consumer {
         self.backoff = new_backoff(&self.settings);
         self.attempt = 0;
         self.settlement = Settlement::new();
+        if let Some(held) = &mut self.held {
+            held.clear();
+        }
         self.last_progress = Instant::now();
         self.status.set(true);
         let reader = read(
@@ -213,21 +229,26 @@ impl Consumer {
     /// Records settlements of the current generation and hands the acker
     /// the new ackable tag, if the watermark moved past one.
     fn record(&mut self, generation: u64, settled: &[(u64, Settled)]) {
-        let Some(link) = self.link.as_ref().filter(|l| l.generation == generation) else {
+        let Some(window) = self
+            .link
+            .as_ref()
+            .filter(|l| l.generation == generation)
+            .map(|l| l.window.clone())
+        else {
             return;
         };
         let before = self.settlement.watermark();
         for (tag, how) in settled {
             self.settlement.settle(*tag, *how);
         }
-        link.window
+        window
             .settled
             .store(self.settlement.settled_count(), Ordering::Relaxed);
-        let unacked = link.window.in_flight();
+        let unacked = window.in_flight();
         if self.settlement.watermark() > before || unacked == 0 {
             self.last_progress = Instant::now();
         }
-        let ack = self.settlement.take_ack();
+        let ack = self.take_ack(generation);
         SettledEvent {
             ack_frames: u64::from(ack.is_some()),
             acked: settled
@@ -241,9 +262,46 @@ impl Consumer {
             unacked,
         }
         .emit();
-        if let Some(tag) = ack {
+        if let (Some(tag), Some(link)) = (ack, &self.link) {
             link.acker.ack_up_to(tag);
         }
+    }
+
+    /// The tag to ack now, if any: up to the settled watermark, and with the
+    /// live feed's gate, no further than the copies in the stream (unless a
+    /// delivery waited for its copy longer than the gate allows).
+    fn take_ack(&mut self, generation: u64) -> Option<u64> {
+        let (Some(gate), Some(held)) = (&self.settings.feed_gate, &mut self.held) else {
+            return self.settlement.take_ack();
+        };
+        let now = tokio::time::Instant::now();
+        let mut limit = gate::Held::limit(*gate.done.borrow(), generation);
+        if let Some(expired) = held.release(limit, now) {
+            FeedAckWaitExpired {
+                max_wait: gate.max_wait,
+            }
+            .emit();
+            limit = limit.max(expired);
+        }
+        let ack = self.settlement.take_ack_within(limit);
+        if self.settlement.ackable() > limit {
+            held.hold(self.settlement.ackable(), now);
+        }
+        ack
+    }
+
+    /// Acks what the gate now lets through (its copies are done, or waited
+    /// too long), and finishes a drain that was waiting for it.
+    fn ack_released(&mut self, ctx: &mut Context<Self>) {
+        let Some(generation) = self.link.as_ref().map(|l| l.generation) else {
+            return;
+        };
+        if let Some(tag) = self.take_ack(generation) {
+            if let Some(link) = &self.link {
+                link.acker.ack_up_to(tag);
+            }
+        }
+        self.check_drained(ctx);
     }
 
     /// During shutdown: once everything read has been settled, close.
@@ -252,7 +310,8 @@ impl Consumer {
             return;
         }
         let pending = self.link.as_ref().map_or(0, |l| l.window.in_flight());
-        if pending == 0 {
+        // With the gate, the last acks may still wait for their copies.
+        if pending == 0 && self.settlement.fully_acked() {
             self.finish_drain(ctx);
         }
     }
@@ -299,6 +358,20 @@ impl Actor for Consumer {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.connect(ctx);
+        if let (Some(gate), Some(held)) = (&self.settings.feed_gate, &self.held) {
+            // Copies confirmed in the stream release the acks waiting for them…
+            let done = futures_util::stream::unfold(gate.done.clone(), |mut done| async move {
+                done.changed().await.ok()?;
+                Some((CopiesDone, done))
+            });
+            ctx.add_stream(done);
+            // …and an ack never waits for its copy longer than the bound.
+            ctx.run_interval(held.check_every(), |act, ctx| {
+                if act.held.as_ref().is_some_and(gate::Held::is_holding) {
+                    act.ack_released(ctx);
+                }
+            });
+        }
         // The stall watchdog: a control-path timer, not a batching one.
         let every = (self.settings.stall_timeout / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(30));
@@ -363,6 +436,29 @@ impl Handler<Settle> for Consumer {
                 act.check_drained(ctx);
             }),
         ))
+    }
+}
+
+/// The feed publisher moved the last delivery whose copy is done (read from
+/// the gate's watch channel).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct CopiesDone;
+
+impl StreamHandler<CopiesDone> for Consumer {
+    fn handle(&mut self, _: CopiesDone, ctx: &mut Context<Self>) {
+        self.ack_released(ctx);
+    }
+
+    /// The publisher is gone (the service is stopping): nothing more will be
+    /// done, so nothing is held back any more.
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        if let Some(held) = &mut self.held {
+            held.clear();
+        }
+        self.settings.feed_gate = None;
+        self.held = None;
+        self.ack_released(ctx);
     }
 }
 

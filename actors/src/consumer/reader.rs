@@ -33,6 +33,7 @@ pub(super) async fn read(
         let read_before = window.delivered.load(Ordering::Relaxed);
         let mut events = Vec::with_capacity(items.len());
         let mut dead = Vec::new();
+        let mut through = None;
         let mut replayed: Vec<(String, u64)> = Vec::new();
         EventsReceived { count: items.len() }.emit();
         for item in items {
@@ -50,6 +51,7 @@ pub(super) async fn read(
             window
                 .delivered
                 .store(delivery.delivery_tag, Ordering::Relaxed);
+            through = Some(id);
             if let Some(reason) = replayed_from(&delivery.properties) {
                 match replayed.iter_mut().find(|(r, _)| *r == reason) {
                     Some((_, count)) => *count += 1,
@@ -108,9 +110,12 @@ pub(super) async fn read(
                 break;
             }
         }
-        if !events.is_empty() {
+        // With the live feed's gate, even a chunk of dead letters only tells
+        // the Tap which deliveries it covers: their acks wait for the copies
+        // of every earlier delivery.
+        if !events.is_empty() || (settings.feed_gate.is_some() && through.is_some()) {
             let handed = Instant::now();
-            let admitted = tap.send(Ingest { events }).await;
+            let admitted = tap.send(Ingest { events, through }).await;
             ChunkForwarded {
                 idle,
                 admission: handed.elapsed(),

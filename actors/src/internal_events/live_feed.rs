@@ -1,15 +1,13 @@
 //! Instrumentation of the cluster-wide live feed (`LIVE_FEED=stream`): what
 //! this instance published to the stream, dropped instead, and read back.
 
-/// Why a copy never made it into the stream.
+/// Why a copy never made it into the stream. (A slow or unreachable broker
+/// is not a reason: the publisher keeps copies until they are confirmed,
+/// within the live backlog, past which the Tap drops and counts them.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FeedDropReason {
-    /// The publisher's queue was full (the broker is slower than the Tap).
+    /// The publisher's channel to its task was full.
     Full,
-    /// Too many publishes were unconfirmed (`LIVE_STREAM_MAX_UNCONFIRMED`).
-    Unconfirmed,
-    /// The broker connection was down.
-    Disconnected,
 }
 
 impl FeedDropReason {
@@ -17,8 +15,6 @@ impl FeedDropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             FeedDropReason::Full => "full",
-            FeedDropReason::Unconfirmed => "unconfirmed",
-            FeedDropReason::Disconnected => "disconnected",
         }
     }
 }
@@ -96,5 +92,38 @@ impl FeedLink {
         } else {
             0.0
         });
+    }
+}
+
+/// A delivery was acked although its copy was not confirmed in the stream
+/// within the gate's bound (`LIVE_FEED_MAX_WAIT`).
+#[derive(Debug, Clone, Copy)]
+pub struct FeedAckWaitExpired {
+    /// The bound that passed.
+    pub max_wait: std::time::Duration,
+}
+
+impl FeedAckWaitExpired {
+    /// Logs (at most once a minute) and counts
+    /// `sluice_live_feed_ack_waits_expired_total`.
+    pub fn emit(self) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static LAST_LOGGED_S: AtomicU64 = AtomicU64::new(0);
+        metrics::counter!("sluice_live_feed_ack_waits_expired_total").increment(1);
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = LAST_LOGGED_S.load(Ordering::Relaxed);
+        if now_s >= last + 60
+            && LAST_LOGGED_S
+                .compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log::warn!(
+                "live feed: acking deliveries whose copies are not confirmed in the stream after {:?} \
+                 (the stream is slow or unreachable); the copies go out when it takes them",
+                self.max_wait
+            );
+        }
     }
 }

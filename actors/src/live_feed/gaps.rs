@@ -1,12 +1,13 @@
 //! Gap counting across the stream: each instance numbers the copies it is
 //! given (one sequence per process, dropped copies included), so a reader
 //! sees exactly how many of an instance's events never reached the stream,
-//! or were lost to it (retention, a reconnect).
+//! or were lost to it, and which entries of a message published again after
+//! a reconnect it already has.
 
 use std::collections::{HashMap, VecDeque};
 
-/// Most publishing processes remembered at once; the one seen least
-/// recently is forgotten first (its next event is then taken as a baseline).
+/// Most publishing processes remembered at once; the one first seen longest
+/// ago is forgotten first (its next message is then taken as a baseline).
 pub const MAX_ORIGINS: usize = 1024;
 
 /// The last sequence number seen from each publishing process.
@@ -17,36 +18,36 @@ pub struct Gaps {
     order: VecDeque<String>,
 }
 
+/// What a reader makes of one message's sequence numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Observed {
+    /// Copies of this origin missing just before the message (dropped before
+    /// they were published, or messages lost).
+    pub gap: u64,
+    /// The message's first entries already read (the origin published them
+    /// again after a reconnect, not knowing they had arrived): not new.
+    pub repeated: u64,
+}
+
 impl Gaps {
     /// No origin seen yet.
     pub fn new() -> Gaps {
         Gaps::default()
     }
 
-    /// `origin` says it numbered its events up to `seq` (a marker: some of
-    /// them may never have reached the stream). How many are missing.
-    pub fn numbered_up_to(&mut self, origin: &str, seq: u64) -> u64 {
-        match self.last.get_mut(origin) {
-            Some(last) if seq > *last => std::mem::replace(last, seq).abs_diff(seq),
-            Some(_) => 0,
-            None => {
-                // Nothing seen of it yet: a baseline, like a first event.
-                self.observe(origin, seq);
-                0
-            }
-        }
-    }
-
-    /// Event `seq` of `origin` arrived: how many of that origin's events are
-    /// missing just before it. The first event seen of an origin sets its
-    /// baseline (nothing is known before it); a repeated or older number
-    /// (a redelivery) is not a gap.
-    pub fn observe(&mut self, origin: &str, seq: u64) -> u64 {
+    /// A message of `origin` numbered `first ..first + count` arrived
+    /// (`count` 0: a marker, "numbered up to `first − 1`"). The first message
+    /// seen of an origin sets its baseline (nothing is known before it).
+    pub fn observe(&mut self, origin: &str, first: u64, count: u64) -> Observed {
+        let through = (first + count).saturating_sub(1);
         match self.last.get_mut(origin) {
             Some(last) => {
-                let gap = seq.saturating_sub(*last + 1);
-                *last = (*last).max(seq);
-                gap
+                let observed = Observed {
+                    gap: first.saturating_sub(*last + 1),
+                    repeated: (*last + 1).saturating_sub(first).min(count),
+                };
+                *last = (*last).max(through);
+                observed
             }
             None => {
                 if self.order.len() == MAX_ORIGINS {
@@ -55,8 +56,8 @@ impl Gaps {
                     }
                 }
                 self.order.push_back(origin.to_owned());
-                self.last.insert(origin.to_owned(), seq);
-                0
+                self.last.insert(origin.to_owned(), through);
+                Observed::default()
             }
         }
     }
@@ -66,45 +67,67 @@ impl Gaps {
 mod tests {
     use super::*;
 
-    #[test]
-    fn each_origin_has_its_own_sequence() {
-        let mut gaps = Gaps::new();
-        assert_eq!(gaps.observe("a/1", 10), 0, "a baseline");
-        assert_eq!(gaps.observe("b/1", 3), 0, "another baseline");
-        assert_eq!(gaps.observe("a/1", 11), 0);
-        assert_eq!(gaps.observe("a/1", 15), 3, "12, 13 and 14 are missing");
-        assert_eq!(gaps.observe("b/1", 4), 0);
-        assert_eq!(gaps.observe("b/1", 9), 4);
+    fn gap(gap: u64) -> Observed {
+        Observed { gap, repeated: 0 }
     }
 
     #[test]
-    fn repeats_are_not_gaps_and_do_not_go_back() {
+    fn each_origin_has_its_own_sequence() {
         let mut gaps = Gaps::new();
-        gaps.observe("a", 5);
-        assert_eq!(gaps.observe("a", 5), 0);
-        assert_eq!(gaps.observe("a", 2), 0);
-        assert_eq!(gaps.observe("a", 6), 0, "still counting from 5");
+        assert_eq!(gaps.observe("a/1", 10, 3), gap(0), "a baseline");
+        assert_eq!(gaps.observe("b/1", 3, 1), gap(0), "another baseline");
+        assert_eq!(gaps.observe("a/1", 13, 2), gap(0));
+        assert_eq!(
+            gaps.observe("a/1", 18, 1),
+            gap(3),
+            "15, 16 and 17 are missing"
+        );
+        assert_eq!(gaps.observe("b/1", 4, 5), gap(0));
+        assert_eq!(gaps.observe("b/1", 13, 1), gap(4));
+    }
+
+    #[test]
+    fn a_message_published_again_is_not_new_and_does_not_go_back() {
+        let mut gaps = Gaps::new();
+        gaps.observe("a", 1, 5);
+        assert_eq!(
+            gaps.observe("a", 1, 5),
+            Observed {
+                gap: 0,
+                repeated: 5
+            },
+            "all of it again"
+        );
+        assert_eq!(
+            gaps.observe("a", 4, 4),
+            Observed {
+                gap: 0,
+                repeated: 2
+            },
+            "4 and 5 again, 6 and 7 new"
+        );
+        assert_eq!(gaps.observe("a", 8, 1), gap(0), "still counting from 7");
     }
 
     #[test]
     fn a_marker_tells_the_missing_tail() {
         let mut gaps = Gaps::new();
-        gaps.observe("a", 10);
+        gaps.observe("a", 10, 1);
         // 11 and 12 were dropped by the publisher, which then said so.
-        assert_eq!(gaps.numbered_up_to("a", 12), 2);
-        assert_eq!(gaps.numbered_up_to("a", 12), 0, "told once");
-        assert_eq!(gaps.observe("a", 13), 0);
-        assert_eq!(gaps.numbered_up_to("b", 7), 0, "a baseline");
+        assert_eq!(gaps.observe("a", 13, 0), gap(2));
+        assert_eq!(gaps.observe("a", 13, 0), gap(0), "told once");
+        assert_eq!(gaps.observe("a", 13, 1), gap(0));
+        assert_eq!(gaps.observe("b", 7, 0), gap(0), "a baseline");
     }
 
     #[test]
     fn origins_are_bounded() {
         let mut gaps = Gaps::new();
         for i in 0..=MAX_ORIGINS {
-            gaps.observe(&format!("o{i}"), 1);
+            gaps.observe(&format!("o{i}"), 1, 1);
         }
         assert_eq!(gaps.last.len(), MAX_ORIGINS);
-        // The first origin was forgotten: its next event is a new baseline.
-        assert_eq!(gaps.observe("o0", 100), 0);
+        // The first origin was forgotten: its next message is a new baseline.
+        assert_eq!(gaps.observe("o0", 100, 1), gap(0));
     }
 }

@@ -1,23 +1,32 @@
 //! The cluster-wide live feed (`LIVE_FEED=stream`): every instance publishes
 //! its Tap's copies to one RabbitMQ stream, `P.live`, and every instance
-//! reads that stream from its tail and fans it out to its own observers.
-//! Every dashboard, whichever instance it reached, then sees every event of
-//! every instance, in one order: the stream offset, which is the position.
+//! reads that stream and fans it out to its own observers. Every dashboard,
+//! whichever instance it reached, then sees every event of every instance,
+//! once, in one order, and a dashboard that comes back resumes from the
+//! stream itself.
 //!
-//! - [`publisher`]: the Tap's copy target; publishes without ever waiting
-//!   (a bounded number of unconfirmed publishes; past it, drop and count).
-//! - [`reader`]: consumes the stream, turns each message into a placed
-//!   [`crate::observable::LiveEvent`] and counts gaps for the Observable.
-//! - [`gaps`]: per-instance sequence numbers, so a reader can tell exactly
-//!   how many events never reached it.
+//! - [`wire`]: what a stream message holds (a batch of copies from one
+//!   process) and where its events are placed (positions).
+//! - [`publisher`]: the Tap's copy target; batches copies, publishes them
+//!   with confirms, publishes again after a reconnect, and tells the
+//!   Consumer which deliveries' copies are in the stream (acks wait for
+//!   them, within a bound: [`crate::consumer::FeedGate`]).
+//! - [`placer`]: the one rule every reader applies to a message, with
+//!   [`gaps`] (per-process sequence numbers: what never reached the stream,
+//!   what was published twice) and [`dedupe`] (a copy made again after a
+//!   redelivery is shown once).
+//! - [`reader`]: this instance's reader of the stream, feeding the
+//!   Observable and the [`ledger`] of its decisions.
+//! - [`replay`]: reading the stream again for a client that resumes from
+//!   further back than the ring.
 //!
-//! A message in the stream: body = the event's JSON object (as
-//! [`crate::observable::LiveEvent::from_event`] writes it, without a
-//! position); headers `x-sluice-origin` (the publishing process),
-//! `x-sluice-seq` (its sequence number) and `x-sluice-routing-key`. When a
-//! publisher had to drop copies, it publishes a *marker* once idle (header
-//! `x-sluice-marker`, no event): "numbered up to `x-sluice-seq`", so a gap
-//! at the end of its run is told too.
+//! Why it is exact through crashes (the invariant): a delivery is acked only
+//! once its copy is in the stream, so a crash leaves every stored event
+//! either in the stream or unacked (delivered again, and copied again);
+//! every copy made again carries the same message id, and every batch
+//! published again the same sequence numbers, so readers show each event
+//! once; and everything readers cannot show is a jump in some process's
+//! numbers, which they count. ARCHITECTURE.md has the whole argument.
 
 use std::time::Duration;
 
@@ -25,22 +34,14 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 
+pub mod dedupe;
 pub mod gaps;
+pub mod ledger;
+pub mod placer;
 pub mod publisher;
 pub mod reader;
-
-/// Header naming the publishing process (`<instance>/<pid>-<start ms>`).
-pub const ORIGIN_HEADER: &str = "x-sluice-origin";
-/// Header carrying the publisher's sequence number of the event.
-pub const SEQ_HEADER: &str = "x-sluice-seq";
-/// Header marking a message that carries no event, only the news that its
-/// origin numbered events up to `x-sluice-seq` (some never made it).
-pub const MARKER_HEADER: &str = "x-sluice-marker";
-/// Header carrying the event's AMQP routing key.
-pub const ROUTING_KEY_HEADER: &str = "x-sluice-routing-key";
-/// When the publishing instance received the event, in milliseconds since
-/// the Unix epoch: readers count `WS_MAX_LAG` from it.
-pub const RECEIVED_MS_HEADER: &str = "x-sluice-received-ms";
+pub mod replay;
+pub mod wire;
 
 /// Settings of the feed (both sides).
 #[derive(Debug, Clone)]

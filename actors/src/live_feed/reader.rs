@@ -1,56 +1,61 @@
-//! The feed reader: consumes the stream `P.live` from its tail and hands
-//! what it reads to the Observable as placed events ([`Feed`]).
+//! The feed reader: consumes the stream `P.live` and hands what it reads to
+//! the Observable as placed events ([`Feed`]).
 //!
-//! Position = the stream offset (the `x-stream-offset` header of each
-//! delivery), so every instance places every event at the same position.
-//! Gaps are counted, never guessed: a jump in some publisher's sequence
-//! (a publish it dropped, or one lost to retention) and the events this
-//! reader could not hand to the Observable (its mailbox full) travel as the
-//! count before the next event. After a reconnect the reader attaches at the
-//! offset after the last one it read, so it misses nothing the stream still
-//! holds. Bounds: `prefetch` deliveries unacked (acks give the broker
-//! credit to send more), chunks of at most [`CHUNK`] events, and the
-//! Observable's backlog in events.
+//! Every message goes through the [`Placer`] (which entries are shown, where,
+//! and what went missing before them) and its decision into the [`Ledger`],
+//! for clients that resume from further back than the ring. The reader waits
+//! for the Observable to take each chunk (`send().await`): the stream keeps
+//! what the reader has not read yet, so a busy live thread delays the feed
+//! but never loses any of it.
+//!
+//! Where it starts: the first time, [`dedupe::WINDOW_MESSAGES`] messages
+//! before the stream's tail, so that its window of recent message ids is
+//! the one every other reader has (it decides alike from the first message
+//! after the tail) and the ring starts with the recent past; after a
+//! reconnect, at the offset after the last one it read, so it misses
+//! nothing the stream still holds. Bounds: `prefetch` deliveries unacked
+//! (acks give the broker credit to send more), chunks of at most [`CHUNK`]
+//! messages, one chunk in flight to the Observable.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix::prelude::*;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
-use super::gaps::Gaps;
+use super::dedupe;
+use super::ledger::Ledger;
+use super::placer::Placer;
 use super::publisher::backoff;
-use super::{
-    connect, header_str, header_u64, FeedSettings, MARKER_HEADER, ORIGIN_HEADER,
-    RECEIVED_MS_HEADER, ROUTING_KEY_HEADER, SEQ_HEADER,
-};
+use super::{connect, header_u64, wire, FeedSettings};
 use crate::internal_events::live_feed::{FeedLink, FeedRead};
-use crate::messages::LiveBacklog;
-use crate::observable::{Feed, LiveEvent};
+use crate::observable::{Feed, FeedMessage};
 
-/// Most events handed to the Observable in one message.
-pub const CHUNK: usize = 256;
+/// Most stream messages handed to the Observable in one chunk.
+pub const CHUNK: usize = 64;
+
+/// How long the first attach waits to learn where the stream's tail is
+/// (an empty stream sends nothing).
+const TAIL_PROBE: Duration = Duration::from_secs(1);
 
 /// What the reader carries across reconnections.
 #[derive(Debug, Default)]
 struct ReaderState {
-    /// The offset to attach at next (`None`: the tail, at the first start).
+    /// The offset to attach at next (`None`: near the tail, at the first start).
     next_offset: Option<u64>,
-    /// Each publisher's last sequence number.
-    gaps: Gaps,
-    /// Events missed and not yet told (handed over with the next event).
-    missed: u64,
+    /// The rule's memory (per-origin sequences, recent ids).
+    placer: Placer,
 }
 
 /// Reads the stream for ever (reconnecting with backoff), feeding
-/// `observable`; `backlog` bounds, in events, what is handed over and not
-/// yet handled. Returns when the Observable is gone.
-/// `attached` is told once the reader first consumes the stream.
+/// `observable` and recording every decision in `ledger`. Returns when the
+/// Observable is gone. `attached` is told once the reader first consumes.
 pub async fn run(
     settings: FeedSettings,
     observable: Recipient<Feed>,
-    backlog: LiveBacklog,
+    ledger: Arc<Mutex<Ledger>>,
     attached: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut attached = Some(attached);
@@ -61,7 +66,7 @@ pub async fn run(
         let result = read(
             &settings,
             &observable,
-            &backlog,
+            &ledger,
             &mut state,
             &mut connected,
             &mut attached,
@@ -85,11 +90,71 @@ pub async fn run(
     }
 }
 
+/// Starts a consumer of the stream at `offset` (a number, or `"last"` …).
+pub(crate) async fn consume_at(
+    channel: &lapin::Channel,
+    settings: &FeedSettings,
+    offset: AMQPValue,
+    tag: &str,
+) -> Result<lapin::Consumer, String> {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-stream-offset".into(), offset);
+    channel
+        .basic_consume(
+            settings.stream.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            arguments,
+        )
+        .await
+        .map_err(|e| format!("cannot consume the stream {}: {e}", settings.stream))
+}
+
+/// The offset of a stream delivery.
+pub(crate) fn offset_of(delivery: &lapin::message::Delivery) -> Option<u64> {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-stream-offset"))
+        .and_then(header_u64)
+}
+
+fn offset_value(offset: u64) -> AMQPValue {
+    AMQPValue::LongLongInt(i64::try_from(offset).unwrap_or(i64::MAX))
+}
+
+/// Where the stream's tail is: the offset of the first message of its last
+/// chunk, or `None` for an empty stream.
+async fn find_tail(
+    channel: &lapin::Channel,
+    settings: &FeedSettings,
+) -> Result<Option<u64>, String> {
+    let tag = format!("sluice-live-tail-{}", settings.origin);
+    let mut probe = consume_at(
+        channel,
+        settings,
+        AMQPValue::LongString("last".into()),
+        &tag,
+    )
+    .await?;
+    let tail = match tokio::time::timeout(TAIL_PROBE, probe.next()).await {
+        Ok(Some(Ok(delivery))) => offset_of(&delivery),
+        Ok(Some(Err(e))) => return Err(format!("probing the stream's tail: {e}")),
+        Ok(None) | Err(_) => None,
+    };
+    channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await
+        .map_err(|e| format!("cancelling the tail probe: {e}"))?;
+    Ok(tail)
+}
+
 /// One connection's worth of reading. `Ok(())`: the Observable is gone.
 async fn read(
     settings: &FeedSettings,
     observable: &Recipient<Feed>,
-    backlog: &LiveBacklog,
+    ledger: &Arc<Mutex<Ledger>>,
     state: &mut ReaderState,
     connected: &mut bool,
     attached: &mut Option<tokio::sync::oneshot::Sender<()>>,
@@ -99,21 +164,20 @@ async fn read(
         .basic_qos(settings.prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| format!("cannot set the prefetch (required for a stream): {e}"))?;
-    let mut arguments = FieldTable::default();
-    let offset = match state.next_offset {
-        Some(offset) => AMQPValue::LongLongInt(i64::try_from(offset).unwrap_or(i64::MAX)),
-        None => AMQPValue::LongString("next".into()),
+    let start = match state.next_offset {
+        Some(offset) => offset_value(offset),
+        None => match find_tail(&channel, settings).await? {
+            Some(tail) => offset_value(tail.saturating_sub(dedupe::WINDOW_MESSAGES)),
+            None => AMQPValue::LongString("first".into()),
+        },
     };
-    arguments.insert("x-stream-offset".into(), offset);
-    let consumer = channel
-        .basic_consume(
-            settings.stream.as_str().into(),
-            format!("sluice-live-{}", settings.origin).into(),
-            BasicConsumeOptions::default(),
-            arguments,
-        )
-        .await
-        .map_err(|e| format!("cannot consume the stream {}: {e}", settings.stream))?;
+    let consumer = consume_at(
+        &channel,
+        settings,
+        start,
+        &format!("sluice-live-{}", settings.origin),
+    )
+    .await?;
     FeedLink {
         side: "reader",
         lost: None,
@@ -125,16 +189,14 @@ async fn read(
     }
     let mut chunks = consumer.ready_chunks(CHUNK);
     while let Some(items) = chunks.next().await {
-        let mut events = Vec::with_capacity(items.len());
+        let mut messages = Vec::new();
         let mut last_tag = None;
         let mut read = 0u64;
         let mut missing = 0u64;
         for item in items {
             let delivery = item.map_err(|e| format!("the stream consumer failed: {e}"))?;
             last_tag = Some(delivery.delivery_tag);
-            let headers = delivery.properties.headers().clone().unwrap_or_default();
-            let header = |name: &str| headers.inner().get(name);
-            let Some(offset) = header("x-stream-offset").and_then(header_u64) else {
+            let Some(offset) = offset_of(&delivery) else {
                 log::warn!("a stream delivery without x-stream-offset; skipped");
                 continue;
             };
@@ -142,43 +204,28 @@ async fn read(
                 continue; // Read before a reconnect.
             }
             state.next_offset = Some(offset + 1);
-            let origin = header(ORIGIN_HEADER).and_then(header_str);
-            let seq = header(SEQ_HEADER).and_then(header_u64);
-            if header(MARKER_HEADER).is_some() {
-                if let (Some(origin), Some(seq)) = (origin, seq) {
-                    let gap = state.gaps.numbered_up_to(&origin, seq);
-                    missing += gap;
-                    state.missed += gap;
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let placement = match state.placer.place(offset, &headers, &delivery.data) {
+                Ok(placement) => placement,
+                Err(why) => {
+                    log::warn!(
+                        "a message in {} that Sluice did not write (offset {offset}: {why}); skipped",
+                        settings.stream
+                    );
+                    lock(ledger).record(offset, None);
+                    continue;
                 }
-                continue;
-            }
-            let routing_key = header(ROUTING_KEY_HEADER)
-                .and_then(header_str)
-                .unwrap_or_default();
-            let (Some(origin), Some(seq), Ok(json)) =
-                (origin, seq, std::str::from_utf8(&delivery.data))
-            else {
-                log::warn!(
-                    "a message in {} that Sluice did not write (offset {offset}); skipped",
-                    settings.stream
-                );
-                continue;
             };
-            let gap = state.gaps.observe(&origin, seq);
-            missing += gap;
-            read += 1;
-            let before = gap + std::mem::take(&mut state.missed);
-            // Positions count from 1 (offset 0 is position 1), so that
-            // `?since=0` means "from the beginning" with either feed.
-            // Freshness counts from the publishing instance's receipt (an
-            // older publisher without the header: from now).
-            let received_at = header(RECEIVED_MS_HEADER)
-                .and_then(header_u64)
-                .map_or_else(std::time::SystemTime::now, |ms| {
-                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+            lock(ledger).record(offset, Some(&placement));
+            missing += placement.gap;
+            read += placement.shown.len() as u64;
+            if placement.gap > 0 || !placement.shown.is_empty() {
+                messages.push(FeedMessage {
+                    gap: placement.gap,
+                    gap_position: wire::gap_position(offset),
+                    shown: placement.shown,
                 });
-            let event = LiveEvent::positioned(offset + 1, &routing_key, json, received_at);
-            events.push((before, Arc::new(event)));
+            }
         }
         if let Some(tag) = last_tag {
             channel
@@ -191,32 +238,21 @@ async fn read(
             missing,
         }
         .emit();
-        let missed_after = std::mem::take(&mut state.missed);
-        if events.is_empty() && missed_after == 0 {
+        if messages.is_empty() {
             continue;
         }
-        let told: u64 = events.iter().map(|(before, _)| before).sum::<u64>()
-            + events.len() as u64
-            + missed_after;
-        let sent = match backlog.try_acquire(events.len()) {
-            Some(permit) => match observable.try_send(Feed {
-                events,
-                missed_after,
-                permit: Some(permit),
-            }) {
-                Ok(()) => true,
-                Err(SendError::Full(_)) => false,
-                Err(SendError::Closed(_)) => {
-                    crate::tls::close_broker(&connection, "bye").await;
-                    return Ok(());
-                }
-            },
-            None => false,
-        };
-        if !sent {
-            // Told, with the events' own gaps, before the next event.
-            state.missed += told;
+        if observable.send(Feed { messages }).await.is_err() {
+            crate::tls::close_broker(&connection, "bye").await;
+            return Ok(());
         }
     }
     Err("the stream consumer ended (the channel or connection closed)".to_owned())
+}
+
+/// The ledger, whatever panicked while holding it (it is consistent after
+/// every call).
+pub(crate) fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
+    ledger
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use serde::Deserialize;
 
 use super::settings::Outgoing;
-use crate::observable::LiveEvent;
+use crate::live_event::LiveEvent;
 use crate::shared_frames::{Partition, SharedFrame, SharedFrames};
 
 /// What an Observer does with a new event when its buffer is full (`WS_ON_FULL`).
@@ -87,6 +87,45 @@ pub(super) struct Frame {
     pub(super) text_len: usize,
 }
 
+/// Events the client missed and is not told of yet, and the last position
+/// among them: the `lagged` notice says both, so that a client that resumes
+/// after it (`?since=`) is not told of them again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Missed {
+    pub(super) events: u64,
+    pub(super) through: u64,
+}
+
+impl Missed {
+    fn add(&mut self, events: u64, through: u64) {
+        if events > 0 {
+            self.events += events;
+            self.through = self.through.max(through);
+        }
+    }
+
+    fn merge(&mut self, other: Missed) {
+        self.add(other.events, other.through);
+    }
+
+    /// The `lagged` frame telling of them.
+    fn notice(self) -> Frame {
+        let text = if self.through > 0 {
+            format!(
+                "{{\"type\":\"lagged\",\"missed\":{},\"position\":{}}}",
+                self.events, self.through
+            )
+        } else {
+            format!("{{\"type\":\"lagged\",\"missed\":{}}}", self.events)
+        };
+        let text_len = text.len();
+        Frame {
+            message: Outgoing::Message(Message::Text(text.into())),
+            text_len,
+        }
+    }
+}
+
 /// Consecutive events of one delivery, `events[start..end]`: the
 /// delivery's events are shared with every observer it went to, not copied
 /// event by event into each buffer.
@@ -97,6 +136,8 @@ struct Run {
     end: usize,
     /// The delivery's frames, shared with the other observers.
     frames: SharedFrames,
+    /// Missed just before its events (told between the runs around it).
+    missed_before: Missed,
 }
 
 impl Run {
@@ -115,8 +156,12 @@ pub(super) struct Pending {
     len: usize,
     /// The buffer's capacity (at least 1).
     capacity: usize,
-    /// Dropped events (here or upstream) not yet told with a `lagged` frame.
-    unreported: u64,
+    /// Dropped events older than every buffered one, not yet told: told
+    /// first.
+    unreported: Missed,
+    /// Events missed upstream after the last buffered one, not yet told:
+    /// told before the next run, or once the buffer is written.
+    tail: Missed,
     /// Every event dropped in this session, for the log line at the end.
     pub(super) total_dropped: u64,
 }
@@ -127,15 +172,32 @@ impl Pending {
             runs: VecDeque::new(),
             len: 0,
             capacity: capacity.max(1),
-            unreported: 0,
+            unreported: Missed::default(),
+            tail: Missed::default(),
             total_dropped: 0,
         }
     }
 
-    /// Counts events dropped before reaching this buffer.
-    pub(super) fn missed(&mut self, n: u64) {
-        self.unreported += n;
+    /// Counts events missed before reaching this buffer (upstream), the
+    /// last at position `through`: they came after every buffered event, so
+    /// they are told after them.
+    pub(super) fn missed(&mut self, n: u64, through: u64) {
+        if n == 0 {
+            return;
+        }
         self.total_dropped += n;
+        if self.runs.is_empty() {
+            self.unreported.add(n, through);
+        } else {
+            self.tail.add(n, through);
+        }
+    }
+
+    /// Counts `n` events dropped here, older than every event still
+    /// buffered, the last at `through`: told first.
+    fn dropped_front(&mut self, n: u64, through: u64) {
+        self.total_dropped += n;
+        self.unreported.add(n, through);
     }
 
     /// Buffers a delivery's events (with its shared frames) under
@@ -147,12 +209,23 @@ impl Pending {
         policy: OnFull,
     ) -> u64 {
         let n = events.len();
+        let position = |i: usize| events[i].position();
         let (start, end, dropped) = match policy {
             OnFull::DropOldest => {
                 // The newest `capacity` of them at most, and room for them.
                 let keep = n.min(self.capacity);
                 let overflow = (self.len + keep).saturating_sub(self.capacity);
                 self.drop_front(overflow);
+                if self.runs.is_empty() {
+                    // Everything buffered is gone: what came after it is
+                    // told with it, before these.
+                    let tail = std::mem::take(&mut self.tail);
+                    self.unreported.merge(tail);
+                }
+                if keep < n {
+                    // The oldest of these, after everything dropped above.
+                    self.dropped_front((n - keep) as u64, position(n - keep - 1));
+                }
                 (n - keep, n, n - keep + overflow)
             }
             OnFull::DropNewest => {
@@ -160,33 +233,46 @@ impl Pending {
                 (0, keep, n - keep)
             }
         };
+        // Drop-newest: the newest of these, told after everything kept.
+        let newest_dropped = (policy == OnFull::DropNewest && end < n).then(|| Missed {
+            events: (n - end) as u64,
+            through: position(n - 1),
+        });
         if start < end {
             self.runs.push_back(Run {
                 events: events.clone(),
                 start,
                 end,
                 frames: frames.clone(),
+                missed_before: std::mem::take(&mut self.tail),
             });
             self.len += end - start;
         }
-        let dropped = dropped as u64;
-        self.missed(dropped);
-        dropped
+        if let Some(missed) = newest_dropped {
+            self.total_dropped += missed.events;
+            self.tail.merge(missed);
+        }
+        dropped as u64
     }
 
-    /// Drops the oldest `n` buffered events (not counted here).
+    /// Drops the oldest `n` buffered events, and tells them first (with
+    /// what was missed before them).
     fn drop_front(&mut self, mut n: usize) {
         while n > 0 {
             let Some(run) = self.runs.front_mut() else {
                 return;
             };
             let take = n.min(run.len());
+            let through = run.events[run.start + take - 1].position();
+            let before = std::mem::take(&mut run.missed_before);
             run.start += take;
             self.len -= take;
             n -= take;
             if run.start == run.end {
                 self.runs.pop_front();
             }
+            self.unreported.merge(before);
+            self.dropped_front(take as u64, through);
         }
     }
 
@@ -196,27 +282,26 @@ impl Pending {
     /// were received, so only the front is looked at.
     pub(super) fn expire(&mut self, now: SystemTime, max_age: Duration) -> u64 {
         let mut skipped = 0;
-        while let Some(run) = self.runs.front_mut() {
+        while let Some(run) = self.runs.front() {
             let age = now
                 .duration_since(run.events[run.start].received_at())
                 .unwrap_or(Duration::ZERO);
             if age <= max_age {
                 break;
             }
-            run.start += 1;
-            self.len -= 1;
+            self.drop_front(1);
             skipped += 1;
-            if run.start == run.end {
-                self.runs.pop_front();
-            }
         }
-        self.missed(skipped);
+        if self.runs.is_empty() {
+            let tail = std::mem::take(&mut self.tail);
+            self.unreported.merge(tail);
+        }
         skipped
     }
 
     /// Whether there is something to tell the client.
     pub(super) fn has_frame(&self) -> bool {
-        self.unreported > 0 || self.len > 0
+        self.unreported.events > 0 || self.len > 0 || self.tail.events > 0
     }
 
     /// The next frame: the `lagged` notice if drops are unreported, else the
@@ -231,14 +316,19 @@ impl Pending {
     /// behind, events were dropped or skipped here, or its window shrank)
     /// the frame is built here.
     pub(super) fn next_frame(&mut self, limits: FrameLimits, shared: FrameLimits) -> Option<Frame> {
-        if self.unreported > 0 {
-            let missed = std::mem::take(&mut self.unreported);
-            let text = format!("{{\"type\":\"lagged\",\"missed\":{missed}}}");
-            let text_len = text.len();
-            return Some(Frame {
-                message: Outgoing::Message(Message::Text(text.into())),
-                text_len,
-            });
+        // Misses are told where they happened: those older than every
+        // buffered event first, those before a run just before it, those
+        // after the last once it is written.
+        if self.unreported.events > 0 {
+            return Some(std::mem::take(&mut self.unreported).notice());
+        }
+        if self.runs.is_empty() && self.tail.events > 0 {
+            return Some(std::mem::take(&mut self.tail).notice());
+        }
+        if let Some(run) = self.runs.front_mut() {
+            if run.missed_before.events > 0 {
+                return Some(std::mem::take(&mut run.missed_before).notice());
+            }
         }
         let only_run = self.runs.len() == 1;
         let run = self.runs.front_mut()?;
@@ -270,7 +360,10 @@ impl Pending {
         // Built here: as many of the oldest events as the limits allow,
         // from as many deliveries as they fit.
         let (mut n, mut size) = (0, 0);
-        'count: for run in &self.runs {
+        'count: for (i, run) in self.runs.iter().enumerate() {
+            if i > 0 && run.missed_before.events > 0 {
+                break; // Its notice goes between.
+            }
             for event in &run.events[run.start..run.end] {
                 let len = event.json().len() + 1;
                 if n == limits.max_events.max(1) || (n > 0 && size + len > limits.max_bytes) {
@@ -395,6 +488,70 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Events at positions `numbers`, with a payload naming each.
+    fn placed(numbers: impl IntoIterator<Item = u64>) -> Arc<[Arc<LiveEvent>]> {
+        numbers
+            .into_iter()
+            .map(|n| {
+                let id = format!("m{n}");
+                let payload = format!(r#"{{"n":{n}}}"#);
+                Arc::new(LiveEvent::placed(
+                    crate::live_event::LiveFields {
+                        message_id: &id,
+                        routing_key: "k",
+                        payload: &payload,
+                        headers: "{}",
+                        published_at: None,
+                        received_at: SystemTime::now(),
+                    },
+                    n,
+                ))
+            })
+            .collect()
+    }
+
+    /// A `lagged` frame's count and position.
+    fn lagged_at(message: Message) -> (u64, u64) {
+        let v = json(message);
+        assert_eq!(v["type"], "lagged", "expected lagged, got {v}");
+        (
+            v["missed"].as_u64().expect("missed"),
+            v["position"].as_u64().expect("position"),
+        )
+    }
+
+    #[test]
+    fn each_miss_is_told_where_it_happened_with_its_last_position() {
+        let mut pending = Pending::new(100);
+        push(&mut pending, &placed(1..=3), OnFull::DropOldest);
+        // 4..=7 missed upstream, after the buffered ones and before the next.
+        pending.missed(4, 7);
+        push(&mut pending, &placed(8..=9), OnFull::DropOldest);
+        pending.missed(2, 11);
+        // One frame could hold them all; the notice goes between instead, so
+        // that a client resuming after the last position it heard of gets
+        // every event once.
+        let mut next = || own(&mut pending, 100, usize::MAX).expect("frame");
+        assert_eq!(numbers(next()), [1, 2, 3]);
+        assert_eq!(lagged_at(next()), (4, 7));
+        assert_eq!(numbers(next()), [8, 9]);
+        assert_eq!(lagged_at(next()), (2, 11));
+        assert!(own(&mut pending, 100, usize::MAX).is_none());
+    }
+
+    #[test]
+    fn events_dropped_here_are_told_first_with_the_last_position_dropped() {
+        let mut pending = Pending::new(3);
+        push(&mut pending, &placed(1..=2), OnFull::DropOldest);
+        pending.missed(1, 3);
+        // 4..=6 push out 1 and 2 (and the miss of 3 between them).
+        push(&mut pending, &placed(4..=6), OnFull::DropOldest);
+        let mut next = || own(&mut pending, 100, usize::MAX).expect("frame");
+        assert_eq!(lagged_at(next()), (3, 3));
+        assert_eq!(numbers(next()), [4, 5, 6]);
+        assert_eq!(pending.total_dropped, 3);
+    }
+
     /// What a client reads of what an Observer wrote: a frame it encoded
     /// itself is decoded as the client would.
     pub(crate) fn message(out: Outgoing) -> Message {
@@ -475,11 +632,14 @@ pub(crate) mod tests {
             [3, 4, 5]
         );
         assert!(own(&mut oldest, 10, usize::MAX).is_none());
-        assert_eq!(lagged(own(&mut newest, 10, usize::MAX).expect("frame")), 2);
+        // Drop-newest: the dropped ones came after those kept, and are told
+        // after them.
         assert_eq!(
             numbers(own(&mut newest, 10, usize::MAX).expect("frame")),
             [1, 2, 3]
         );
+        assert_eq!(lagged(own(&mut newest, 10, usize::MAX).expect("frame")), 2);
+        assert!(own(&mut newest, 10, usize::MAX).is_none());
     }
 
     #[test]
@@ -522,11 +682,11 @@ pub(crate) mod tests {
         assert_eq!(push(&mut newest, &live(1..=3), OnFull::DropNewest), 0);
         assert_eq!(push(&mut newest, &live(4..=6), OnFull::DropNewest), 2);
         assert_eq!(push(&mut newest, &live(7..=8), OnFull::DropNewest), 2);
-        assert_eq!(lagged(own(&mut newest, 100, usize::MAX).expect("frame")), 4);
         assert_eq!(
             numbers(own(&mut newest, 100, usize::MAX).expect("frame")),
             [1, 2, 3, 4]
         );
+        assert_eq!(lagged(own(&mut newest, 100, usize::MAX).expect("frame")), 4);
     }
 
     #[test]
@@ -623,15 +783,17 @@ pub(crate) mod tests {
             .collect();
         let mut pending = Pending::new(100);
         push(&mut pending, &events, OnFull::DropOldest);
-        pending.missed(5);
+        // Five missed upstream, after these four.
+        pending.missed(5, 0);
         assert_eq!(pending.expire(now, Duration::from_secs(2)), 2);
-        // Upstream misses and skipped events are told together, then the
-        // fresh events follow.
-        assert_eq!(lagged(own(&mut pending, 10, usize::MAX).expect("frame")), 7);
+        // Each told where it happened: the skipped ones first, then the
+        // fresh events, then the upstream misses.
+        assert_eq!(lagged(own(&mut pending, 10, usize::MAX).expect("frame")), 2);
         assert_eq!(
             numbers(own(&mut pending, 10, usize::MAX).expect("frame")),
             [3, 4]
         );
+        assert_eq!(lagged(own(&mut pending, 10, usize::MAX).expect("frame")), 5);
         assert_eq!(pending.total_dropped, 7);
         // Nothing is skipped twice, and a clock that went backwards ages nothing.
         push(&mut pending, &events[3..].into(), OnFull::DropOldest);

@@ -41,6 +41,8 @@ impl Observer {
             self.expire();
             if !self.pending.has_frame() {
                 self.disarm_stall_timer(ctx);
+                // Everything written: a resume from the stream goes on.
+                self.take_replay_step(ctx);
                 break;
             }
             let limits = FrameLimits {

@@ -12,8 +12,11 @@
 //! pure and tested on its own. Whenever the client can take more, everything
 //! buffered (up to [`ObserverSettings::max_events_per_frame`] events and a
 //! quarter of the window in bytes) goes out as one frame
-//! `{"type":"events","events":[…]}`, preceded by `{"type":"lagged","missed":N}`
-//! when events were dropped since the last frame, here or upstream.
+//! `{"type":"events","events":[…]}`. Events dropped (here or upstream) are
+//! told where they were, between the frames around them:
+//! `{"type":"lagged","missed":N,"position":P}`, P the last position among
+//! them, so a client that resumes (`?since=`) after the last position it
+//! received or was told of gets every event once.
 //!
 //! # Freshness
 //!
@@ -49,7 +52,10 @@
 //! - `flow.rs`: when to write, the stall timer, the heartbeat;
 //! - `protocol.rs`: what a client may send, and the close codes;
 //! - `session.rs`: the count of open sessions;
+//! - `replay.rs`: a resume read from the stream, at the client's pace;
 //! - `tests.rs`: the actor end to end, with a stand-in client.
+
+use std::sync::Arc;
 
 use actix::prelude::*;
 use actix_http::ws::{CloseCode, CloseReason, Frame, Message, ProtocolError};
@@ -62,13 +68,17 @@ use crate::history::Since;
 use crate::internal_events::live::{
     DropStage, LiveEventsDropped, ObserverConnected, ObserverDisconnected, ObserverLagging,
 };
+use crate::live_feed::replay::Replays;
 use crate::messages::LiveBacklog;
-use crate::observable::{Deliver, Observable, ObserverId, Subscribe, SubscribeFrom, Unsubscribe};
+use crate::observable::{
+    Deliver, Observable, ObserverId, Resumed, Subscribe, SubscribeFrom, Unsubscribe,
+};
 use crate::topic::TopicPattern;
 
 mod buffer;
 mod flow;
 mod protocol;
+mod replay;
 mod session;
 mod settings;
 mod window;
@@ -131,6 +141,10 @@ pub struct Observer {
     /// Where the client's stream starts (`?since=` / `?last=`), taken by the
     /// first `Subscribe`; `None`: from now on.
     since: Option<Since>,
+    /// Reads the stream for a resume older than the ring (`LIVE_FEED=stream`).
+    replays: Option<Arc<Replays>>,
+    /// A resume being read from the stream.
+    replaying: Option<replay::Replaying>,
 }
 
 impl Observer {
@@ -164,6 +178,8 @@ impl Observer {
             ended: None,
             slot: None,
             since: None,
+            replays: None,
+            replaying: None,
         }
     }
 
@@ -171,6 +187,12 @@ impl Observer {
     /// events) instead of now.
     pub fn with_since(mut self, since: Option<Since>) -> Observer {
         self.since = since;
+        self
+    }
+
+    /// Reads a resume older than the ring from the stream with `replays`.
+    pub fn with_replays(mut self, replays: Option<Arc<Replays>>) -> Observer {
+        self.replays = replays;
         self
     }
 
@@ -213,23 +235,39 @@ impl Observer {
             pattern: self.pattern.clone(),
             backlog: self.backlog.clone(),
         };
+        let since = self.since.take();
+        let after = match since {
+            Some(Since::After(position)) => Some(position),
+            _ => None,
+        };
         let request: std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<(), MailboxError>>>,
-        > = match self.since.take() {
-            None => Box::pin(self.observable.send(subscribe)),
-            Some(since) => Box::pin(self.observable.send(SubscribeFrom { subscribe, since })),
+            Box<dyn std::future::Future<Output = Result<Resumed, MailboxError>>>,
+        > = match since {
+            None => Box::pin(futures_util::FutureExt::map(
+                self.observable.send(subscribe),
+                |r| r.map(|()| Resumed::Subscribed),
+            )),
+            Some(since) => Box::pin(self.observable.send(SubscribeFrom {
+                subscribe,
+                since,
+                max_replay: self.settings.buffer,
+            })),
         };
         ctx.spawn(
-            fut::wrap_future(request).map(|result, act: &mut Observer, ctx| {
+            fut::wrap_future(request).map(move |result, act: &mut Observer, ctx| {
                 act.subscribing = false;
-                if result.is_err() {
-                    act.close(
+                match result {
+                    Err(_) => act.close(
                         ctx,
                         CloseCode::Away,
                         "the live stream is unavailable".into(),
-                    );
-                } else if std::mem::take(&mut act.resubscribe) {
-                    act.subscribe(ctx);
+                    ),
+                    Ok(resumed) => {
+                        act.resumed(resumed, after, ctx);
+                        if std::mem::take(&mut act.resubscribe) {
+                            act.subscribe(ctx);
+                        }
+                    }
                 }
             }),
         );
@@ -315,7 +353,7 @@ impl Handler<Deliver> for Observer {
             return;
         }
         if msg.missed > 0 {
-            self.pending.missed(msg.missed);
+            self.pending.missed(msg.missed, msg.missed_through);
         }
         let dropped = self
             .pending
@@ -354,7 +392,11 @@ impl StreamHandler<Result<Frame, ProtocolError>> for Observer {
             Incoming::Filter(pattern) => {
                 if pattern != self.pattern {
                     self.pattern = pattern;
-                    self.subscribe(ctx);
+                    // During a replay from the stream, the new filter applies
+                    // from where the ring takes over.
+                    if self.replaying.is_none() {
+                        self.subscribe(ctx);
+                    }
                 }
             }
             Incoming::Ping(payload) => {

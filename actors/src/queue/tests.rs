@@ -57,7 +57,10 @@ impl Harness {
 
     async fn ingest(&self, events: Vec<Event>) -> Admitted {
         self.queue
-            .send(Ingest { events })
+            .send(Ingest {
+                events,
+                through: None,
+            })
             .await
             .expect("queue alive")
     }
@@ -196,6 +199,7 @@ async fn reject_newest_dead_letters_the_arriving_events() {
 async fn backpressure_holds_the_reply_until_a_batch_is_taken() {
     let mut h = Harness::start(settings(2, 100));
     let reply = h.queue.send(Ingest {
+        through: None,
         events: events(1..=5),
     });
     tokio::pin!(reply);
@@ -223,9 +227,11 @@ async fn backpressure_holds_the_reply_until_a_batch_is_taken() {
 async fn backpressure_keeps_arrival_order_across_held_producers() {
     let mut h = Harness::start(settings(1, 100));
     let first = h.queue.send(Ingest {
+        through: None,
         events: events(1..=2),
     });
     let second = h.queue.send(Ingest {
+        through: None,
         events: events(3..=3),
     });
     // `send` enqueues at once; the replies are awaited at the end.

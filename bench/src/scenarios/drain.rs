@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
-use sluice::load::LoadArgs;
+use sluice::load::{LoadArgs, Loader};
 use sluice_testkit::amqp::{amqp_url, delete_topology, queue_counts};
 use sluice_testkit::{fresh_database, TestDb};
 
@@ -281,7 +281,7 @@ pub async fn await_rows(rig: &Rig, n: u64, deadline: Instant) -> anyhow::Result<
 }
 
 /// Poll `db`'s row count until the table holds `n` rows; returns when.
-async fn await_count(db: &TestDb, n: u64, deadline: Instant) -> anyhow::Result<Instant> {
+pub(crate) async fn await_count(db: &TestDb, n: u64, deadline: Instant) -> anyhow::Result<Instant> {
     let target = i64::try_from(n).unwrap_or(i64::MAX);
     loop {
         let stored = db.try_count_rows("events").await.unwrap_or(0);
@@ -297,7 +297,17 @@ async fn await_count(db: &TestDb, n: u64, deadline: Instant) -> anyhow::Result<I
 
 /// Publish `n` messages to the rig's exchange as fast as confirms allow.
 pub async fn prefill(rig: &Rig, n: u64) -> anyhow::Result<()> {
-    let report = rig.publish(&LoadArgs::count(n)).await?;
+    prefill_exchange(&rig.amqp_url, &rig.prefix, n).await
+}
+
+/// Publish `n` messages to exchange `prefix` on `amqp_url` as fast as
+/// confirms allow.
+pub async fn prefill_exchange(amqp_url: &str, prefix: &str, n: u64) -> anyhow::Result<()> {
+    let loader = Loader::connect_env(amqp_url).await?;
+    let report = loader
+        .run(prefix, &LoadArgs::count(n), std::future::pending())
+        .await?;
+    loader.close().await?;
     if report.confirmed != n {
         bail!("pre-fill: only {} of {n} confirmed", report.confirmed);
     }
