@@ -83,6 +83,33 @@ pub mod headers {
     pub const DEAD_AT: &str = "x-sluice-dead-at";
     /// How many times the letter has been replayed (absent: never).
     pub const REPLAYS: &str = "x-sluice-replays";
+
+    use lapin::types::AMQPValue;
+
+    /// The unsigned integer in a header value, whichever integer type the
+    /// publisher chose, if it holds one.
+    pub fn as_u64(value: &AMQPValue) -> Option<u64> {
+        match value {
+            AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+            AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+            AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+            AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
+            AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
+            AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
+            AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
+            AMQPValue::Timestamp(v) => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// The text in a header value, if it holds some.
+    pub fn as_text(value: &AMQPValue) -> Option<String> {
+        match value {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            _ => None,
+        }
+    }
 }
 
 /// Why a message was dead-lettered; written into the `x-sluice-reason` header.

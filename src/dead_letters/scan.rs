@@ -263,23 +263,11 @@ fn preview(body: &[u8]) -> String {
 }
 
 fn header_text(table: &FieldTable, name: &str) -> Option<String> {
-    match table.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
+    table.inner().get(name).and_then(headers::as_text)
 }
 
 fn header_u64(table: &FieldTable, name: &str) -> Option<u64> {
-    match table.inner().get(name)? {
-        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
-        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
-        AMQPValue::Timestamp(n) => Some(*n),
-        _ => None,
-    }
+    table.inner().get(name).and_then(headers::as_u64)
 }
 
 /// The newest entry of the broker's `x-death` header.

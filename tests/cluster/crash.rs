@@ -61,6 +61,27 @@ fn assert_exact(client: &LiveClient, total: usize, who: &str) {
     );
 }
 
+/// The clients `reading`, once done: each exact (see [`assert_exact`]),
+/// and all of them with the same events in the same order.
+async fn all_exact(
+    reading: Vec<actix_web::rt::task::JoinHandle<LiveClient>>,
+    total: usize,
+    when: &str,
+) -> Vec<LiveClient> {
+    let mut clients = Vec::new();
+    for reader in reading {
+        clients.push(reader.await.expect("a reading client"));
+    }
+    for (i, client) in clients.iter().enumerate() {
+        assert_exact(client, total, &format!("{when}, client {i}"));
+        assert_eq!(
+            client.got.events, clients[0].got.events,
+            "{when}: one order on every instance"
+        );
+    }
+    clients
+}
+
 /// Waits until `node` consumes again after a restart.
 fn restarted(node: &sluice_testkit::Service) -> sluice_testkit::Service {
     let node = node.respawn();
@@ -92,18 +113,7 @@ async fn killing_an_instance_mid_stream_twenty_times_costs_no_client_an_event_no
         total += PER_ROUND;
         cluster.nodes[0] = restarted(&cluster.nodes[0]);
         cluster.wait_rows(total as i64).await;
-        clients = Vec::new();
-        for reader in reading {
-            clients.push(reader.await.expect("a reading client"));
-        }
-        for (i, client) in clients.iter().enumerate() {
-            assert_exact(client, total, &format!("round {round}, client {i}"));
-        }
-        // One order on every instance.
-        assert_eq!(
-            clients[0].got.events, clients[1].got.events,
-            "round {round}"
-        );
+        clients = all_exact(reading, total, &format!("round {round}")).await;
     }
     assert_eq!(cluster.distinct_ids().await, total as i64);
     cluster.stop_all();
@@ -246,21 +256,7 @@ async fn broker_restarts_mid_stream_cost_no_client_an_event_nor_show_one_twice()
         broker.restart().expect("the broker restarts");
         total += PER_ROUND;
         cluster.wait_rows(total as i64).await;
-        clients = Vec::new();
-        for reader in reading {
-            clients.push(reader.await.expect("a reading client"));
-        }
-        for (i, client) in clients.iter().enumerate() {
-            assert_exact(client, total, &format!("restart {round}, client {i}"));
-        }
-        assert_eq!(
-            clients[0].got.events, clients[1].got.events,
-            "restart {round}"
-        );
-        assert_eq!(
-            clients[0].got.events, clients[2].got.events,
-            "restart {round}"
-        );
+        clients = all_exact(reading, total, &format!("restart {round}")).await;
     }
     cluster.stop_all();
     cluster.cleanup().await;

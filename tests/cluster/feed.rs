@@ -6,6 +6,8 @@
 
 use std::collections::HashSet;
 
+use sluice_testkit::eventually;
+
 use crate::client::{Collected, LiveClient};
 use crate::helpers::*;
 
@@ -176,6 +178,51 @@ async fn copies_an_instance_drops_are_told_to_every_client() {
     }
     assert_eq!(orders[0], orders[1]);
     assert_eq!(orders[0], orders[2]);
+    cluster.stop_all();
+    cluster.cleanup().await;
+}
+
+#[actix_web::test]
+async fn a_replay_ends_where_the_ring_takes_over_even_when_the_filter_matched_nothing() {
+    // One replay at a time on this instance: a replay that never ended
+    // would keep every other resume waiting.
+    let cluster = stream_cluster(&[("LIVE_HISTORY", "100"), ("LIVE_MAX_REPLAYS", "1")]).await;
+    let mut first = LiveClient::connect(cluster.nodes[0].http_addr(), "").await;
+    cluster.publish("p", 10).await;
+    first.read_until_accounted(10).await;
+    let since = first.close().await.resume_after();
+    cluster
+        .publisher
+        .publish_json_batch(&cluster.prefix, 1500, |i| Some(format!("q-{i}")))
+        .await
+        .expect("publish");
+    cluster.wait_rows(1510).await;
+    // Far deeper than the ring, with a filter none of it matches: the
+    // replay reads the stream, hands the client nothing, and must end where
+    // the ring takes over (it holds the instance's only replay slot).
+    let quiet = LiveClient::connect(
+        cluster.nodes[1].http_addr(),
+        &format!("?since={since}&topic=nothing.here"),
+    )
+    .await;
+    let replays = |metrics: &str| crate::common::metric_value(metrics, "sluice_live_replays", "");
+    let node = cluster.nodes[1].base_url();
+    eventually(PATIENCE, "the replay started and ended", || async {
+        let (_, metrics) = get(&format!("{node}/metrics")).await;
+        let started = metrics.contains("sluice_live_replays");
+        if started && replays(&metrics) == 0.0 {
+            Ok(())
+        } else {
+            Err(format!("replays reading: {}", replays(&metrics)))
+        }
+    })
+    .await;
+    // The next resume gets the slot.
+    let mut next =
+        LiveClient::connect(cluster.nodes[1].http_addr(), &format!("?since={since}")).await;
+    next.read_until_accounted(1500).await;
+    assert_eq!((next.got.events.len(), next.got.missed), (1500, 0));
+    assert!(quiet.close().await.events.is_empty());
     cluster.stop_all();
     cluster.cleanup().await;
 }

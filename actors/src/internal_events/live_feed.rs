@@ -127,3 +127,23 @@ impl FeedAckWaitExpired {
         }
     }
 }
+
+/// A client's resume is being read from the stream: counted in
+/// `sluice_live_replays` (replays reading now, at most `LIVE_MAX_REPLAYS`)
+/// while the value lives.
+#[derive(Debug)]
+pub struct ReplayReading;
+
+impl ReplayReading {
+    /// One more replay reading.
+    pub fn start() -> ReplayReading {
+        metrics::gauge!("sluice_live_replays").increment(1.0);
+        ReplayReading
+    }
+}
+
+impl Drop for ReplayReading {
+    fn drop(&mut self) {
+        metrics::gauge!("sluice_live_replays").decrement(1.0);
+    }
+}

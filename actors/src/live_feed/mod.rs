@@ -127,27 +127,3 @@ pub(crate) async fn connect(
     declare(&channel, settings).await?;
     Ok((connection, channel))
 }
-
-/// The unsigned integer in an AMQP header value, if it holds one.
-pub(crate) fn header_u64(value: &AMQPValue) -> Option<u64> {
-    match value {
-        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
-        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
-        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
-        AMQPValue::Timestamp(v) => Some(*v),
-        _ => None,
-    }
-}
-
-/// The text in an AMQP header value, if it holds some.
-pub(crate) fn header_str(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}

@@ -22,7 +22,7 @@ use lapin::types::FieldTable;
 use super::dedupe::Dedupe;
 use super::gaps::Gaps;
 use super::wire::{self, COUNT_HEADER, ORIGIN_HEADER, SEQ_HEADER};
-use super::{header_str, header_u64};
+use crate::event::headers;
 use crate::live_event::LiveEvent;
 
 /// What a reader made of one message.
@@ -54,9 +54,9 @@ impl Numbering {
     pub fn of(headers: &FieldTable) -> Option<Numbering> {
         let get = |name: &str| headers.inner().get(name);
         Some(Numbering {
-            origin: get(ORIGIN_HEADER).and_then(header_str)?,
-            first_seq: get(SEQ_HEADER).and_then(header_u64)?,
-            count: get(COUNT_HEADER).and_then(header_u64)?,
+            origin: get(ORIGIN_HEADER).and_then(headers::as_text)?,
+            first_seq: get(SEQ_HEADER).and_then(headers::as_u64)?,
+            count: get(COUNT_HEADER).and_then(headers::as_u64)?,
         })
     }
 }

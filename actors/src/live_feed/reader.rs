@@ -29,7 +29,8 @@ use super::dedupe;
 use super::ledger::Ledger;
 use super::placer::Placer;
 use super::publisher::backoff;
-use super::{connect, header_u64, wire, FeedSettings};
+use super::{connect, wire, FeedSettings};
+use crate::event::headers;
 use crate::internal_events::live_feed::{FeedLink, FeedRead};
 use crate::observable::{Feed, FeedMessage};
 
@@ -117,7 +118,7 @@ pub(crate) fn offset_of(delivery: &lapin::message::Delivery) -> Option<u64> {
         .headers()
         .as_ref()
         .and_then(|h| h.inner().get("x-stream-offset"))
-        .and_then(header_u64)
+        .and_then(headers::as_u64)
 }
 
 fn offset_value(offset: u64) -> AMQPValue {

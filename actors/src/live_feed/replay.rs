@@ -31,6 +31,7 @@ use super::reader::{consume_at, lock, offset_of};
 use super::wire;
 use super::{connect, FeedSettings};
 use crate::history::{Replay, Segment};
+use crate::internal_events::live_feed::ReplayReading;
 use crate::live_event::LiveEvent;
 use crate::topic::TopicPattern;
 
@@ -90,6 +91,7 @@ impl Replays {
             let Ok(_slot) = replays.slots.clone().acquire_owned().await else {
                 return;
             };
+            let _reading = ReplayReading::start();
             if let Err(why) = replays.replay(after, pattern.as_ref(), &steps).await {
                 let _ = steps.send(ReplayStep::Failed(why)).await;
             }
@@ -132,6 +134,7 @@ impl Replays {
                 placer: (!recorded).then(Placer::new),
                 first: true,
                 read: Replay::default(),
+                handed_through: after,
             };
             let mut chunks = consumer.ready_chunks(usize::from(PREFETCH));
             while let Some(items) = chunks.next().await {
@@ -189,6 +192,8 @@ struct Reading<'a> {
     first: bool,
     /// Read and not yet handed over: missed and shown, in order.
     read: Replay,
+    /// The last position handed over (accounted for).
+    handed_through: u64,
 }
 
 impl Reading<'_> {
@@ -261,13 +266,19 @@ impl Reading<'_> {
     /// accounts for everything up to `through`; each one before it, up to
     /// its last event.
     async fn hand_over(&mut self, steps: &mpsc::Sender<ReplayStep>, through: u64) -> bool {
-        let segments = std::mem::take(&mut self.read).segments;
+        let mut segments = std::mem::take(&mut self.read).segments;
+        if segments.is_empty() && through > self.handed_through {
+            // Nothing for the client (its filter matched nothing), but it
+            // is further along: it may meet the ring now.
+            segments.push(Segment::default());
+        }
         let last = segments.len().saturating_sub(1);
         for (i, segment) in segments.into_iter().enumerate() {
             let through = match segment.events.last() {
                 Some(event) if i < last => event.position(),
                 _ => through,
             };
+            self.handed_through = through;
             if steps
                 .send(ReplayStep::Segment { segment, through })
                 .await

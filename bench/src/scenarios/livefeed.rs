@@ -176,8 +176,10 @@ impl Cluster {
             ("DATABASE_URL", plain_tcp(db.url())),
             ("AMQP_PREFIX", prefix.clone()),
             ("LIVE_FEED", mode.to_owned()),
-            // The dashboards open with everything the instance holds.
+            // The dashboards open with everything the instance holds, and
+            // may buffer all of it (not trimmed by a small buffer).
             ("LIVE_HISTORY", n.to_string()),
+            ("WS_BUFFER", n.to_string()),
             ("RUST_LOG", "warn,sluice::startup=info".to_owned()),
         ];
         Cluster {
