@@ -4,13 +4,13 @@
 //! built while a failure still has nothing to stop); nothing here fails.
 
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::dev::channel::{self, AddressReceiver};
 use actix::prelude::*;
 use sluice_actors::consumer::FeedGate;
-use sluice_actors::live_feed::ledger::Ledger;
+use sluice_actors::live_feed::ledger::SharedLedger;
 use sluice_actors::live_feed::replay::Replays;
 use sluice_actors::live_feed::{self, publisher::FeedPublisher, FeedSettings};
 use sluice_actors::messages::{DroppedCopies, LiveBacklog, Publish};
@@ -40,7 +40,7 @@ pub struct LivePath {
 /// decisions (shared with the replays), and the replays of it.
 struct Feed {
     settings: FeedSettings,
-    ledger: Arc<Mutex<Ledger>>,
+    ledger: Arc<SharedLedger>,
     replays: Arc<Replays>,
 }
 
@@ -65,7 +65,7 @@ impl LivePath {
         let (sender, mailbox) = channel::channel(LIVE_MAILBOX);
         let feed = (config.live_feed == LiveFeedArg::Stream).then(|| {
             let settings = feed_settings(config, tls);
-            let ledger = Arc::new(Mutex::new(Ledger::new()));
+            let ledger = Arc::new(SharedLedger::new());
             let replays = Arc::new(Replays::new(
                 settings.clone(),
                 ledger.clone(),

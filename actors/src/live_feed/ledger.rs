@@ -11,6 +11,9 @@
 //! stream — more than its default retention of one hour.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::watch;
 
 use super::placer::Placement;
 use super::wire;
@@ -92,7 +95,8 @@ impl Ledger {
         }
     }
 
-    fn next_offset(&self) -> u64 {
+    /// The offset after the last one recorded.
+    pub fn next_offset(&self) -> u64 {
         self.base + self.counts.len() as u64
     }
 
@@ -131,6 +135,78 @@ impl Ledger {
             told += self.decision(o)?.told();
         }
         Some(told)
+    }
+}
+
+/// The ledger as this instance shares it: its reader records, its replays
+/// read, and a replay that got ahead of the reader waits for it.
+#[derive(Debug)]
+pub struct SharedLedger {
+    ledger: Mutex<Ledger>,
+    /// The offset after the last one recorded.
+    recorded: watch::Sender<u64>,
+}
+
+impl Default for SharedLedger {
+    fn default() -> Self {
+        SharedLedger {
+            ledger: Mutex::new(Ledger::new()),
+            recorded: watch::channel(0).0,
+        }
+    }
+}
+
+impl SharedLedger {
+    /// Nothing recorded yet.
+    pub fn new() -> SharedLedger {
+        SharedLedger::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        // Consistent after every call, whatever panicked while holding it.
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// See [`Ledger::record`]; wakes the replays waiting for it.
+    pub fn record(&self, offset: u64, placement: Option<&Placement>) {
+        let next = {
+            let mut ledger = self.lock();
+            ledger.record(offset, placement);
+            ledger.next_offset()
+        };
+        self.recorded.send_replace(next);
+    }
+
+    /// See [`Ledger::covers`].
+    pub fn covers(&self, offset: u64) -> bool {
+        self.lock().covers(offset)
+    }
+
+    /// See [`Ledger::told_between`].
+    pub fn told_between(&self, position: u64, until: u64) -> Option<u64> {
+        self.lock().told_between(position, until)
+    }
+
+    /// The decision about the message at `offset`, waiting for the reader
+    /// to make it if it has not read that far yet; `None` if it never will
+    /// (the record starts after it).
+    pub async fn decision(&self, offset: u64) -> Option<Decision> {
+        let mut recorded = self.recorded.subscribe();
+        loop {
+            {
+                let ledger = self.lock();
+                if ledger.covers(offset) {
+                    return ledger.decision(offset);
+                }
+                if !ledger.counts.is_empty() && offset < ledger.base {
+                    return None;
+                }
+            }
+            if *recorded.borrow_and_update() > offset {
+                continue; // Recorded meanwhile.
+            }
+            recorded.changed().await.ok()?;
+        }
     }
 }
 
@@ -194,5 +270,22 @@ mod tests {
         assert_eq!(ledger.decision(1).map(|d| d.entries), Some(1));
         ledger.record(50, Some(&placed(2, 0, &[])));
         assert!(!ledger.covers(2) && ledger.covers(50));
+    }
+
+    #[tokio::test]
+    async fn a_replay_ahead_of_the_reader_waits_for_its_decision() {
+        let shared = std::sync::Arc::new(SharedLedger::new());
+        shared.record(0, Some(&placed(1, 0, &[])));
+        let waiting = tokio::spawn({
+            let shared = shared.clone();
+            async move { shared.decision(2).await }
+        });
+        shared.record(1, Some(&placed(2, 0, &[])));
+        shared.record(2, Some(&placed(3, 5, &[])));
+        let decision = waiting.await.expect("the waiter");
+        assert_eq!(decision.map(|d| (d.entries, d.gap)), Some((3, 5)));
+        // Before the record: never recorded, no wait.
+        shared.record(50, Some(&placed(1, 0, &[])));
+        assert_eq!(shared.decision(3).await, None);
     }
 }

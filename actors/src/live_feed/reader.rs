@@ -17,7 +17,7 @@
 //! (acks give the broker credit to send more), chunks of at most [`CHUNK`]
 //! messages, one chunk in flight to the Observable.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -26,7 +26,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::{AMQPValue, FieldTable};
 
 use super::dedupe;
-use super::ledger::Ledger;
+use super::ledger::SharedLedger;
 use super::placer::Placer;
 use super::publisher::backoff;
 use super::{connect, wire, FeedSettings};
@@ -56,7 +56,7 @@ struct ReaderState {
 pub async fn run(
     settings: FeedSettings,
     observable: Recipient<Feed>,
-    ledger: Arc<Mutex<Ledger>>,
+    ledger: Arc<SharedLedger>,
     attached: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut attached = Some(attached);
@@ -155,7 +155,7 @@ async fn find_tail(
 async fn read(
     settings: &FeedSettings,
     observable: &Recipient<Feed>,
-    ledger: &Arc<Mutex<Ledger>>,
+    ledger: &SharedLedger,
     state: &mut ReaderState,
     connected: &mut bool,
     attached: &mut Option<tokio::sync::oneshot::Sender<()>>,
@@ -213,11 +213,11 @@ async fn read(
                         "a message in {} that Sluice did not write (offset {offset}: {why}); skipped",
                         settings.stream
                     );
-                    lock(ledger).record(offset, None);
+                    ledger.record(offset, None);
                     continue;
                 }
             };
-            lock(ledger).record(offset, Some(&placement));
+            ledger.record(offset, Some(&placement));
             missing += placement.gap;
             read += placement.shown.len() as u64;
             if placement.gap > 0 || !placement.shown.is_empty() {
@@ -248,12 +248,4 @@ async fn read(
         }
     }
     Err("the stream consumer ended (the channel or connection closed)".to_owned())
-}
-
-/// The ledger, whatever panicked while holding it (it is consistent after
-/// every call).
-pub(crate) fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
-    ledger
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -17,7 +17,7 @@
 //! batch at a time, when the client has taken the last one — a replay goes
 //! at its client's pace.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicQosOptions};
@@ -25,9 +25,9 @@ use lapin::types::AMQPValue;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::dedupe;
-use super::ledger::Ledger;
+use super::ledger::{Decision, SharedLedger};
 use super::placer::Placer;
-use super::reader::{consume_at, lock, offset_of};
+use super::reader::{consume_at, offset_of};
 use super::wire;
 use super::{connect, FeedSettings};
 use crate::history::{Replay, Segment};
@@ -62,14 +62,14 @@ pub enum ReplayStep {
 #[derive(Debug)]
 pub struct Replays {
     settings: FeedSettings,
-    ledger: Arc<Mutex<Ledger>>,
+    ledger: Arc<SharedLedger>,
     slots: Arc<Semaphore>,
 }
 
 impl Replays {
     /// Replays of `settings.stream` with the decisions in `ledger`, at most
     /// `max_replays` at once.
-    pub fn new(settings: FeedSettings, ledger: Arc<Mutex<Ledger>>, max_replays: usize) -> Replays {
+    pub fn new(settings: FeedSettings, ledger: Arc<SharedLedger>, max_replays: usize) -> Replays {
         Replays {
             settings,
             ledger,
@@ -107,7 +107,7 @@ impl Replays {
         steps: &mpsc::Sender<ReplayStep>,
     ) -> Result<(), String> {
         let (from, _) = wire::offset_of(after);
-        let recorded = lock(&self.ledger).covers(from);
+        let recorded = self.ledger.covers(from);
         let start = if recorded {
             from
         } else {
@@ -137,7 +137,16 @@ impl Replays {
                 handed_through: after,
             };
             let mut chunks = consumer.ready_chunks(usize::from(PREFETCH));
-            while let Some(items) = chunks.next().await {
+            loop {
+                // The client is gone (it met the ring, or left): stop, even
+                // when the stream has nothing more to read.
+                let items = tokio::select! {
+                    items = chunks.next() => match items {
+                        Some(items) => items,
+                        None => break,
+                    },
+                    () = steps.closed() => return Ok(()),
+                };
                 let mut last_tag = None;
                 let mut through = None;
                 for item in items {
@@ -148,7 +157,13 @@ impl Replays {
                         continue;
                     };
                     let headers = delivery.properties.headers().clone().unwrap_or_default();
-                    if reading.read(offset, &headers, &delivery.data, &self.ledger) {
+                    // This instance's decision (waiting for its reader if the
+                    // replay got ahead of it), or the rule applied here.
+                    let decision = match reading.placer {
+                        None => self.ledger.decision(offset).await,
+                        Some(_) => None,
+                    };
+                    if reading.read(offset, &headers, &delivery.data, &self.ledger, decision) {
                         through = Some(wire::gap_position(offset + 1) - 1);
                     }
                     if reading.read.events() >= STEP_EVENTS {
@@ -204,12 +219,13 @@ impl Reading<'_> {
         offset: u64,
         headers: &lapin::types::FieldTable,
         body: &[u8],
-        ledger: &Mutex<Ledger>,
+        ledger: &SharedLedger,
+        decision: Option<Decision>,
     ) -> bool {
         if std::mem::take(&mut self.first) && offset > self.from {
             // Retention took the client's message and more: what the ledger
             // knows they held, they missed.
-            match lock(ledger).told_between(self.after, offset) {
+            match ledger.told_between(self.after, offset) {
                 Some(told) => self.read.miss(told, wire::gap_position(offset)),
                 None => log::warn!(
                     "a client resumed after position {} which the stream no longer holds and \
@@ -224,9 +240,9 @@ impl Reading<'_> {
                 Err(_) => return offset >= self.from,
             },
             None => {
-                let Some(decision) = lock(ledger).decision(offset) else {
-                    // Past what the reader has recorded yet: the rule goes on
-                    // from here as it would (the ring takes over first).
+                let Some(decision) = decision else {
+                    // Before what this instance ever recorded (its reader
+                    // skipped it, retention took it): nothing to decide on.
                     return false;
                 };
                 let Ok(entries) = wire::decode(body) else {
