@@ -703,7 +703,7 @@ mod tests {
         let saturation = Saturation::never();
         assert_eq!(
             c.ws(&saturation).observer.yield_interval,
-            Duration::from_millis(100)
+            Duration::from_millis(250)
         );
         for off in ["0", "0s", "0ms"] {
             let c = parse(&["--live-yield-interval", off])
