@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sluice_actors::observer::OnFull as WsOnFull;
 use sluice_actors::queue::{Batching, Dedupe, OnFull};
+use sluice_actors::saturation::Saturation;
 
 /// Moves events from a RabbitMQ queue into PostgreSQL with adaptive
 /// batching, and streams a live copy to browsers over WebSockets.
@@ -265,6 +266,16 @@ pub struct Config {
     #[arg(long, env = "LIVE_MAX_REPLAYS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub live_max_replays: u32,
 
+    /// While the datastore path is behind (three quarters of
+    /// `AMQP_PREFETCH` unacked, until below a quarter), the live path yields
+    /// the cores to it: events are handed to the WebSocket sessions at most
+    /// once per this interval, and each client is sent at most one frame of
+    /// events per interval (what its buffer cannot keep is dropped and told,
+    /// as for any slow client). `0` never yields: every client is sent all
+    /// it can read, at the drain's expense.
+    #[arg(long, env = "LIVE_YIELD_INTERVAL", default_value = "250ms", value_parser = parse_yield_interval)]
+    pub live_yield_interval: Duration,
+
     // WebSocket freshness bound (issue 9).
     /// No WebSocket client is handed an event older than this, counted from
     /// when Sluice received it; a client that falls further behind skips
@@ -395,8 +406,9 @@ impl Config {
         )
     }
 
-    /// The `/ws` endpoint's settings.
-    pub fn ws(&self) -> crate::ws::WsConfig {
+    /// The `/ws` endpoint's settings; its sessions yield to the datastore
+    /// path while `saturation` says it is behind.
+    pub fn ws(&self, saturation: &Saturation) -> crate::ws::WsConfig {
         crate::ws::WsConfig {
             max_observers: self.ws_max_observers as usize,
             allowed_origins: self
@@ -415,6 +427,8 @@ impl Config {
                 stall_timeout: self.ws_stall_timeout,
                 max_lag: self.ws_max_lag,
                 window_bytes: self.ws_window_bytes as usize,
+                yield_interval: self.live_yield_interval,
+                saturation: saturation.clone(),
                 ..Default::default()
             },
         }
@@ -490,6 +504,19 @@ fn parse_max_lag(value: &str) -> Result<Duration, String> {
             Err("must be at least 100ms: a client needs time to read what it is sent".into())
         }
         lag => Ok(lag),
+    }
+}
+
+fn parse_yield_interval(value: &str) -> Result<Duration, String> {
+    if value.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    match parse_duration(value)? {
+        interval if interval.is_zero() => Ok(interval),
+        interval if interval < Duration::from_millis(10) || interval > Duration::from_secs(1) => {
+            Err("must be 0 (never yield) or from 10ms to 1s: longer leaves a client's events stale before they are sent".into())
+        }
+        interval => Ok(interval),
     }
 }
 
@@ -647,10 +674,16 @@ mod tests {
     fn the_freshness_bound_parses_and_names_itself_when_wrong() {
         let c = parse(&[]).expect("defaults parse").service;
         assert_eq!(c.ws_max_lag, Duration::from_secs(2));
-        assert_eq!(c.ws().observer.max_lag, Duration::from_secs(2));
-        assert_eq!(c.ws().observer.window_bytes, 64 * 1024);
+        assert_eq!(
+            c.ws(&Saturation::never()).observer.max_lag,
+            Duration::from_secs(2)
+        );
+        assert_eq!(c.ws(&Saturation::never()).observer.window_bytes, 64 * 1024);
         let c = parse(&["--ws-max-lag", "500ms"]).expect("parses").service;
-        assert_eq!(c.ws().observer.max_lag, Duration::from_millis(500));
+        assert_eq!(
+            c.ws(&Saturation::never()).observer.max_lag,
+            Duration::from_millis(500)
+        );
         for bad in ["0s", "10ms", "soon"] {
             let err = parse(&["--ws-max-lag", bad])
                 .expect_err("refused")
@@ -661,6 +694,29 @@ mod tests {
             .expect_err("too small")
             .to_string();
         assert!(err.contains("--ws-window-bytes"), "{err}");
+    }
+
+    #[test]
+    fn the_yield_interval_parses_turns_off_and_names_itself_when_wrong() {
+        let c = parse(&[]).expect("defaults parse").service;
+        assert_eq!(c.live_yield_interval, Duration::from_millis(250));
+        let saturation = Saturation::never();
+        assert_eq!(
+            c.ws(&saturation).observer.yield_interval,
+            Duration::from_millis(250)
+        );
+        for off in ["0", "0s", "0ms"] {
+            let c = parse(&["--live-yield-interval", off])
+                .expect("parses")
+                .service;
+            assert_eq!(c.live_yield_interval, Duration::ZERO, "{off}");
+        }
+        for bad in ["5ms", "2s", "soon"] {
+            let err = parse(&["--live-yield-interval", bad])
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("--live-yield-interval"), "{bad}: {err}");
+        }
     }
 
     #[test]

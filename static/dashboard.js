@@ -72,8 +72,13 @@
 
   /** Sum of every series of counter `name` (all label sets). */
   function counterTotal(stats, name) {
+    return seriesTotal(stats.counters, name);
+  }
+
+  /** The sum of every series of `name` (any labels) in `series`. */
+  function seriesTotal(series, name) {
     let total = 0;
-    for (const [key, value] of Object.entries(stats.counters)) {
+    for (const [key, value] of Object.entries(series || {})) {
       if (key === name || key.startsWith(name + "{")) total += value;
     }
     return total;
@@ -375,6 +380,11 @@
     const liveDropped = counterTotal(stats, "sluice_live_dropped_events_total") +
       counterTotal(stats, "sluice_tap_dropped_events_total");
     setText("h-observers", fmt(liveDropped, 0) + " dropped for them");
+    // While the datastore path is behind, the live path yields: say why
+    // "missed here" climbs.
+    const yielding = seriesTotal(stats.gauges, "sluice_live_yielding") > 0;
+    body.dataset.liveYielding = String(yielding);
+    setText("h-missed", yielding ? "paced: a backlog is being stored" : "lagged, this browser");
 
     // Badges.
     setBadge("badge-broker", p.broker_up === null ? "unknown" : p.broker_up ? "up" : "down",

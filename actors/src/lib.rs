@@ -15,6 +15,8 @@
 //!   [`shared_frames`]: frames built once for every observer of a selection.
 //! - [`tls`]: connecting to the broker (`amqp://`, `amqps://`), and naming
 //!   the cause of a failed TLS handshake; [`redact`]: passwords out of URLs.
+//! - [`saturation`]: whether the datastore path is behind (its prefetch
+//!   window full), the signal on which the live path yields the cores.
 //! - [`history`]: the ring of recent events by position, for clients that resume.
 //! - [`live_feed`]: the cluster-wide live feed through a RabbitMQ stream.
 //! - [`internal_events`]: one struct per thing worth counting; `emit()` logs and records.
@@ -34,6 +36,7 @@ pub mod observable;
 pub mod observer;
 pub mod queue;
 pub mod redact;
+pub mod saturation;
 pub mod settlement;
 pub mod shared_frames;
 pub mod store;

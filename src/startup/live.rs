@@ -15,6 +15,7 @@ use sluice_actors::live_feed::replay::Replays;
 use sluice_actors::live_feed::{self, publisher::FeedPublisher, FeedSettings};
 use sluice_actors::messages::{DroppedCopies, LiveBacklog, Publish};
 use sluice_actors::observable::Observable;
+use sluice_actors::saturation::Saturation;
 use sluice_actors::tls::BrokerTls;
 
 use crate::config::{Config, LiveFeedArg};
@@ -99,12 +100,20 @@ impl LivePath {
     /// open WebSocket sessions. With `LIVE_FEED=stream`, waits (at most
     /// [`FEED_ATTACH_WAIT`]) until the feed reads the stream, so that this
     /// instance's dashboards see every event it stores from the start.
-    pub async fn start(self, config: &Config, observers: Arc<AtomicUsize>) -> (Arbiter, Copies) {
+    /// While `saturation` says the datastore path is behind, the Observable
+    /// yields (`LIVE_YIELD_INTERVAL`).
+    pub async fn start(
+        self,
+        config: &Config,
+        observers: Arc<AtomicUsize>,
+        saturation: Saturation,
+    ) -> (Arbiter, Copies) {
         let arbiter = Arbiter::new();
         let dropped = DroppedCopies::default();
         let upstream_drops = dropped.clone();
         let history = config.live_history as usize;
         let stream_feed = config.live_feed == LiveFeedArg::Stream;
+        let yield_interval = config.live_yield_interval;
         let LivePath {
             observable,
             mailbox,
@@ -119,7 +128,8 @@ impl LivePath {
                     .with_shared_positions()
             } else {
                 Observable::with_upstream(upstream_drops).with_history(history)
-            };
+            }
+            .yielding_to(saturation, yield_interval);
             Context::with_receiver(mailbox).run(observable);
         });
         // The Tap copies while anyone watches. With a history ring, the ring

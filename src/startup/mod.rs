@@ -31,6 +31,7 @@ use actix_web::web;
 use anyhow::bail;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_actors::consumer::{BrokerStatus, Consumer, Shutdown};
+use sluice_actors::saturation::Saturation;
 use sluice_actors::writer::WriteHold;
 
 use crate::config::Config;
@@ -63,8 +64,10 @@ impl Application {
         let broker_tls = config.broker_tls()?;
         let database = Database::open(&config).await?;
         let live = LivePath::reserve(&config, &broker_tls);
+        // The prefetch window's fullness, read by the live path to yield.
+        let saturation = Saturation::new(config.amqp_prefetch);
         let ws = web::Data::new(
-            WsState::new(config.ws(), live.observable()).with_replays(live.replays()),
+            WsState::new(config.ws(&saturation), live.observable()).with_replays(live.replays()),
         );
         let observers = ws.connected.clone();
         let broker = BrokerStatus::default();
@@ -92,7 +95,7 @@ impl Application {
         )?;
 
         // Then the actors; nothing below can fail.
-        let (live_arbiter, copies) = live.start(&config, observers).await;
+        let (live_arbiter, copies) = live.start(&config, observers, saturation.clone()).await;
         let consumer = pipeline::start(
             &config,
             broker_tls,
@@ -100,6 +103,7 @@ impl Application {
             writes_held,
             copies,
             broker,
+            saturation,
         );
         log::info!("listening on http://{http_addr}");
 

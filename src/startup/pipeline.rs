@@ -9,6 +9,7 @@ use actix::prelude::*;
 use sluice_actors::consumer::{BrokerStatus, Consumer, ConsumerSettings, Topology};
 use sluice_actors::event::Limits;
 use sluice_actors::queue::{Queue, QueueSettings};
+use sluice_actors::saturation::Saturation;
 use sluice_actors::store::Store;
 use sluice_actors::tap::Tap;
 use sluice_actors::tls::BrokerTls;
@@ -23,7 +24,8 @@ const CHUNK: usize = 512;
 /// Starts the datastore path, writing into `store` (the writers report a
 /// table that refuses every row in `held`) and copying into the live path's
 /// `copies`; `broker` tells `/readyz` whether it consumes. Returns the
-/// Consumer, which is asked to drain on shutdown.
+/// Consumer, which is asked to drain on shutdown. The Consumer tells
+/// `saturation` how full its prefetch window is.
 pub fn start(
     config: &Config,
     tls: BrokerTls,
@@ -31,6 +33,7 @@ pub fn start(
     held: WriteHold,
     copies: Copies,
     broker: BrokerStatus,
+    saturation: Saturation,
 ) -> Addr<Consumer> {
     let writers = usize::from(config.writers);
     let queue_settings = QueueSettings {
@@ -64,6 +67,7 @@ pub fn start(
     });
     let mut settings = consumer_settings(config, tls);
     settings.feed_gate = copies.gate;
+    settings.saturation = saturation;
     let consumer = Consumer::create(move |ctx| {
         ctx.set_mailbox_capacity(writers + 4);
         Consumer::new(settings, tap.recipient(), broker)
@@ -98,5 +102,6 @@ fn consumer_settings(config: &Config, tls: BrokerTls) -> ConsumerSettings {
         reconnect_max: Duration::from_secs(10),
         stall_timeout: config.amqp_stall_timeout,
         feed_gate: None,
+        saturation: Saturation::never(),
     }
 }

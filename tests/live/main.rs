@@ -2,7 +2,8 @@
 //! RabbitMQ and PostgreSQL, with real WebSocket clients (`awc`): delivery to
 //! fast, slow and filtered clients, bounded memory under clients that never
 //! read, refusals before the upgrade, close codes for bad client frames, and
-//! the freshness bound for slow readers and slow links.
+//! the freshness bound for slow readers and slow links, and the live path
+//! yielding to a backlog.
 //! Each test has its own service, database and AMQP prefix, so they run in
 //! parallel.
 
@@ -14,3 +15,4 @@ mod freshness;
 mod helpers;
 mod overload;
 mod protocol;
+mod yielding;

@@ -45,6 +45,9 @@ pub(super) struct Link {
     pub(super) channel: Channel,
     /// A channel in confirm mode for publishing dead letters.
     pub(super) dead_channel: Channel,
+    /// A channel for asking how many messages wait in the ingest queue
+    /// (a passive declare), apart so that a failed answer closes nothing else.
+    pub(super) probe_channel: Channel,
     pub(super) consumer_tag: String,
     pub(super) window: Arc<Window>,
     /// Sends the acks of `channel`, in order, without making anyone wait.
@@ -171,6 +174,10 @@ pub(super) async fn open(
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| format!("cannot enable publisher confirms: {e}"))?;
+    let probe_channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| format!("cannot open the backlog probe channel: {e}"))?;
     let consumer_tag = format!("sluice-{}-{generation}", std::process::id());
     let stream = channel
         .basic_consume(
@@ -188,10 +195,24 @@ pub(super) async fn open(
         connection,
         channel,
         dead_channel,
+        probe_channel,
         consumer_tag,
         window,
     };
     Ok((link, stream))
+}
+
+/// How many messages wait in `queue`, ready to be delivered (a passive
+/// declare: it creates nothing).
+pub(super) async fn ready(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    Ok(queue.message_count())
 }
 
 /// The headers exchange that sorts dead letters by reason (its alternate

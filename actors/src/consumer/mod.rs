@@ -49,6 +49,11 @@ use dead_letter::dead_letter;
 use link::{close, open, Link};
 use reader::read;
 
+/// How often the Consumer asks the broker how many messages wait in the
+/// ingest queue, for the live path's [`Saturation`](crate::saturation::Saturation) signal: one passive
+/// declare, on a channel of its own.
+pub const BACKLOG_PROBE_EVERY: Duration = Duration::from_millis(250);
+
 /// The Consumer's settings.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -76,6 +81,9 @@ pub struct ConsumerSettings {
     /// With `LIVE_FEED=stream`: ack a delivery only once its copy is in the
     /// stream, or after `max_wait` (see [`gate`]).
     pub feed_gate: Option<FeedGate>,
+    /// Told the unacked deliveries, so that the live path yields while the
+    /// prefetch window is full (see [`crate::saturation`]).
+    pub saturation: crate::saturation::Saturation,
 }
 
 /// Whether the Consumer is connected and consuming; shared with `/readyz`.
@@ -119,6 +127,8 @@ pub struct Consumer {
     drained: Vec<oneshot::Sender<()>>,
     /// Acks the live feed's gate holds back (`None` without the gate).
     held: Option<gate::Held>,
+    /// A backlog probe is on its way.
+    probing: bool,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -141,6 +151,7 @@ impl Consumer {
             .map(|gate| gate::Held::new(gate.max_wait));
         Consumer {
             held,
+            probing: false,
             settings,
             tap,
             link: None,
@@ -208,6 +219,10 @@ impl Consumer {
     /// a new connection after the next backoff delay.
     fn reconnect_later(&mut self, error: &str, ctx: &mut Context<Self>) {
         self.status.set(false);
+        // The broker requeues what was in flight; the backlog is read
+        // again once connected.
+        self.settings.saturation.note_unacked(0);
+        self.settings.saturation.note_ready(0);
         if let Some(link) = self.link.take() {
             close(link, "reconnecting");
         }
@@ -224,6 +239,32 @@ impl Consumer {
         }
         .emit();
         ctx.run_later(delay, |act, ctx| act.connect(ctx));
+    }
+
+    /// Asks the broker how many messages wait in the ingest queue and tells
+    /// the saturation signal (one question at a time; a failed one is
+    /// logged at debug level and changes nothing: the connection's own
+    /// health is watched elsewhere).
+    fn probe_backlog(&mut self, ctx: &mut Context<Self>) {
+        let Some(link) = &self.link else {
+            return;
+        };
+        if self.probing || self.shutting_down {
+            return;
+        }
+        self.probing = true;
+        let channel = link.probe_channel.clone();
+        let queue = self.settings.topology.ingest.clone();
+        let asked = async move { link::ready(&channel, &queue).await };
+        ctx.spawn(
+            fut::wrap_future(asked).map(|answer, act: &mut Consumer, _| {
+                act.probing = false;
+                match answer {
+                    Ok(ready) => act.settings.saturation.note_ready(u64::from(ready)),
+                    Err(err) => log::debug!("cannot read the ingest queue's backlog: {err}"),
+                }
+            }),
+        );
     }
 
     /// Records settlements of the current generation and hands the acker
@@ -245,6 +286,7 @@ impl Consumer {
             .settled
             .store(self.settlement.settled_count(), Ordering::Relaxed);
         let unacked = window.in_flight();
+        self.settings.saturation.note_unacked(unacked);
         if self.settlement.watermark() > before || unacked == 0 {
             self.last_progress = Instant::now();
         }
@@ -358,6 +400,7 @@ impl Actor for Consumer {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.connect(ctx);
+        ctx.run_interval(BACKLOG_PROBE_EVERY, Consumer::probe_backlog);
         if let (Some(gate), Some(held)) = (&self.settings.feed_gate, &self.held) {
             // Copies confirmed in the stream release the acks waiting for them…
             let done = futures_util::stream::unfold(gate.done.clone(), |mut done| async move {

@@ -90,10 +90,9 @@ pub(super) async fn read(
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .read(last_tag, received_at);
         }
-        InFlight {
-            unacked: window.in_flight(),
-        }
-        .emit();
+        let unacked = window.in_flight();
+        settings.saturation.note_unacked(unacked);
+        InFlight { unacked }.emit();
         for (reason, count) in &replayed {
             ReplayedReceived {
                 reason,

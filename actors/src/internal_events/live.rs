@@ -64,6 +64,39 @@ impl LiveEventsDropped {
     }
 }
 
+/// The live path started or stopped yielding to the datastore path (see
+/// [`crate::saturation`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LiveYielding {
+    /// Whether it yields from now on.
+    pub yielding: bool,
+    /// Whether a backlog at the broker is (one of) the reason(s); else the
+    /// prefetch window is full.
+    pub backlog: bool,
+}
+
+impl LiveYielding {
+    /// Logs the change at debug level (every drain starts and ends one)
+    /// and sets `sluice_live_yielding` (1 while yielding); counts the
+    /// episodes in `sluice_live_yield_episodes_total`.
+    pub fn emit(self) {
+        metrics::gauge!("sluice_live_yielding").set(if self.yielding { 1.0 } else { 0.0 });
+        if self.yielding {
+            metrics::counter!("sluice_live_yield_episodes_total").increment(1);
+            log::debug!(
+                "the datastore path is behind ({}): the live path yields",
+                if self.backlog {
+                    "a backlog waits at the broker"
+                } else {
+                    "the prefetch window is full"
+                }
+            );
+        } else {
+            log::debug!("the datastore path caught up: the live path sends all it can");
+        }
+    }
+}
+
 /// An observer started losing events after keeping up (or since it joined).
 #[derive(Debug, Clone, Copy)]
 pub struct ObserverLagging {

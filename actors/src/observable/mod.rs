@@ -17,6 +17,17 @@
 //! rest told as missed. A resume from further back than the ring, with the
 //! stream, is answered [`Resumed::FromStream`]: the observer reads the
 //! stream itself up to the ring, then asks again.
+//!
+//! # Yielding to the datastore path
+//!
+//! While the datastore path is behind ([`Saturation`]), placed events are
+//! kept in the ring at once but handed to the observers at most once per
+//! yield interval (or per [`MAX_HELD`] events), not once per copy the Tap
+//! or the feed hands over: a few deliveries a second to each observer
+//! instead of hundreds, whose events their buffers keep or drop as ever.
+//! Held events go out before anything else touches the observers (a
+//! subscription, a resume, a notice), so the order and the counts are
+//! those of the unheld stream.
 
 mod fanout;
 #[cfg(test)]
@@ -32,6 +43,7 @@ use actix::prelude::*;
 use crate::history::{History, Positions, Since};
 use crate::live_event::LiveEvent;
 use crate::messages::{DroppedCopies, LiveBacklog, LivePermit, Publish};
+use crate::saturation::Saturation;
 use crate::shared_frames::SharedFrames;
 use crate::topic::TopicPattern;
 use fanout::Registry;
@@ -159,6 +171,24 @@ pub struct CountObservers;
 /// quiet. A live-path timer: the datastore path has none.
 pub const LAGGED_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Events held at most while yielding (see the module docs): past it they
+/// go at once. Half the smallest bound of an observer's mailbox
+/// ([`MIN_MAILBOX_EVENTS`](crate::observer::MIN_MAILBOX_EVENTS)), so two
+/// held deliveries fit in it.
+pub const MAX_HELD: usize = 2048;
+
+/// Placed events not yet handed to the observers, while yielding.
+#[derive(Debug, Default)]
+struct Held {
+    /// The events, in order.
+    events: Vec<Arc<LiveEvent>>,
+    /// Events missed just before them, the last at `through`.
+    missed: u64,
+    through: u64,
+    /// Releases them at the end of the yield interval.
+    timer: Option<SpawnHandle>,
+}
+
 /// The registry of observers and the fan-out to them. See the module docs.
 #[derive(Debug)]
 pub struct Observable {
@@ -170,6 +200,13 @@ pub struct Observable {
     /// Recent events by position, for clients that resume (`?since=`) or
     /// ask for the last few (`?last=`).
     history: History,
+    /// Whether the datastore path is behind.
+    saturation: Saturation,
+    /// While it is, events are handed over at most once per this interval;
+    /// zero: never held.
+    yield_interval: Duration,
+    /// Events placed and not yet handed over, while yielding.
+    held: Held,
 }
 
 impl Default for Observable {
@@ -178,6 +215,9 @@ impl Default for Observable {
             registry: Registry::default(),
             upstream: DroppedCopies::default(),
             history: History::new(0, Positions::Dense),
+            saturation: Saturation::never(),
+            yield_interval: Duration::ZERO,
+            held: Held::default(),
         }
     }
 }
@@ -211,6 +251,68 @@ impl Observable {
     pub fn with_shared_positions(mut self) -> Observable {
         self.history = History::new(self.history.capacity(), Positions::Sparse);
         self
+    }
+
+    /// While `saturation` says the datastore path is behind, hands events
+    /// over at most once per `interval` (see the module docs); a zero
+    /// interval never holds them.
+    pub fn yielding_to(mut self, saturation: Saturation, interval: Duration) -> Observable {
+        self.saturation = saturation;
+        self.yield_interval = interval;
+        self
+    }
+
+    /// Hands `events` (after `missed` events missed, the last at `through`)
+    /// to the observers, or holds them while yielding.
+    fn fan_out(
+        &mut self,
+        events: Arc<[Arc<LiveEvent>]>,
+        missed: u64,
+        through: u64,
+        ctx: &mut Context<Self>,
+    ) {
+        let yielding =
+            !self.yield_interval.is_zero() && !self.is_empty() && self.saturation.is_behind();
+        if !yielding {
+            self.release(ctx);
+            self.registry.fan_out(&events, missed, through);
+            return;
+        }
+        if missed > 0 && !self.held.events.is_empty() {
+            // The gap is told between the events around it.
+            self.release(ctx);
+        }
+        let held = &mut self.held;
+        if missed > 0 {
+            held.missed += missed;
+            held.through = held.through.max(through);
+        }
+        held.events.extend(events.iter().cloned());
+        if held.events.len() >= MAX_HELD {
+            self.release(ctx);
+        } else if held.timer.is_none() {
+            held.timer = Some(ctx.run_later(self.yield_interval, |act, ctx| {
+                act.held.timer = None;
+                act.release(ctx);
+            }));
+        }
+    }
+
+    /// Hands the held events (and the misses before them) over now.
+    fn release(&mut self, ctx: &mut Context<Self>) {
+        let held = std::mem::take(&mut self.held);
+        if let Some(timer) = held.timer {
+            ctx.cancel_future(timer);
+        }
+        if held.events.is_empty() {
+            if held.missed > 0 {
+                self.registry.all_missed(held.missed, held.through);
+                self.registry.report_misses();
+            }
+            return;
+        }
+        self.registry
+            .fan_out(&held.events.into(), held.missed, held.through);
     }
 
     fn positions(&self) -> Positions {
@@ -252,7 +354,8 @@ impl Actor for Observable {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(LAGGED_INTERVAL, |act, _| {
+        ctx.run_interval(LAGGED_INTERVAL, |act, ctx| {
+            act.release(ctx);
             let (dropped, through) = act.take_upstream_drops();
             act.registry.all_missed(dropped, through);
             act.registry.report_misses();
@@ -263,7 +366,8 @@ impl Actor for Observable {
 impl Handler<Subscribe> for Observable {
     type Result = ();
 
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Self::Context) {
+        self.release(ctx);
         self.registry.subscribe(msg);
     }
 }
@@ -281,9 +385,10 @@ impl Handler<Publish> for Observable {
 
     /// `LIVE_FEED=local`: the Tap's copies, placed at this instance's next
     /// positions.
-    fn handle(&mut self, msg: Publish, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
         let (dropped, through) = self.take_upstream_drops();
         if msg.events.is_empty() || (self.is_empty() && !self.history.keeps_events()) {
+            self.release(ctx);
             // Nobody to tell and nothing to keep; the positions still advance.
             self.history.skip(msg.events.len() as u64);
             self.registry.all_missed(dropped, through);
@@ -299,7 +404,7 @@ impl Handler<Publish> for Observable {
         for event in all.iter() {
             self.history.push(event.clone());
         }
-        self.registry.fan_out(&all, dropped, through);
+        self.fan_out(all, dropped, through, ctx);
     }
 }
 
@@ -309,14 +414,13 @@ impl Handler<Feed> for Observable {
     /// Every gap is told where it happened: the events before it and after
     /// it go out in separate deliveries, so that a client's `lagged` notice
     /// sits between the events it sat between in the stream.
-    fn handle(&mut self, msg: Feed, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Feed, ctx: &mut Self::Context) {
         let (mut missed, mut through) = (0, 0);
         let mut segment: Vec<Arc<LiveEvent>> = Vec::new();
         for message in msg.messages {
             if message.gap > 0 {
                 if !segment.is_empty() {
-                    self.registry
-                        .fan_out(&std::mem::take(&mut segment).into(), missed, through);
+                    self.fan_out(std::mem::take(&mut segment).into(), missed, through, ctx);
                     missed = 0;
                 }
                 self.history.gap_at(message.gap_position, message.gap);
@@ -330,10 +434,11 @@ impl Handler<Feed> for Observable {
             }
         }
         if segment.is_empty() {
+            self.release(ctx);
             self.registry.all_missed(missed, through);
             self.registry.report_misses();
         } else {
-            self.registry.fan_out(&segment.into(), missed, through);
+            self.fan_out(segment.into(), missed, through, ctx);
         }
     }
 }
@@ -341,7 +446,10 @@ impl Handler<Feed> for Observable {
 impl Handler<SubscribeFrom> for Observable {
     type Result = Resumed;
 
-    fn handle(&mut self, msg: SubscribeFrom, _ctx: &mut Self::Context) -> Resumed {
+    fn handle(&mut self, msg: SubscribeFrom, ctx: &mut Self::Context) -> Resumed {
+        // The ring holds the held events: they go to the others first, and
+        // to this observer with its replay.
+        self.release(ctx);
         if !self.history.covers(msg.since) {
             return Resumed::FromStream;
         }

@@ -634,3 +634,166 @@ async fn a_resume_ahead_of_this_instance_skips_what_the_client_has() {
         (vec![130_001, 140_001, 150_001], 0)
     );
 }
+
+/// An Observable on the stream's positions that yields for 100 ms at a
+/// time while `saturation` says the datastore path is behind.
+fn yielding(saturation: &Saturation) -> Addr<Observable> {
+    let saturation = saturation.clone();
+    Observable::create(move |_| {
+        Observable::new()
+            .with_history(1000)
+            .with_shared_positions()
+            .yielding_to(saturation, Duration::from_millis(100))
+    })
+}
+
+/// A saturation signal that says behind.
+fn behind() -> Saturation {
+    let saturation = Saturation::new(4);
+    saturation.note_unacked(4);
+    assert!(saturation.is_behind());
+    saturation
+}
+
+#[actix::test]
+async fn while_the_datastore_path_is_behind_deliveries_are_gathered_per_interval() {
+    tokio::time::pause();
+    let saturation = behind();
+    let observable = yielding(&saturation);
+    let (addr, mut rx) = probe(64, None);
+    subscribe(&observable, addr.recipient(), 10_000).await;
+    let start = tokio::time::Instant::now();
+    for offset in 1..=10 {
+        observable
+            .send(Feed {
+                messages: vec![message(offset, 0, 0..3)],
+            })
+            .await
+            .expect("alive");
+    }
+    // Ten hand-overs from the stream, one delivery at the end of the interval.
+    let got = rx.recv().await.expect("delivery");
+    assert!(start.elapsed() >= Duration::from_millis(100));
+    assert_eq!(got.events.len(), 30);
+    assert_eq!(positions(&got)[..3], [10_001, 10_002, 10_003]);
+    assert_eq!(positions(&got)[27..], [100_001, 100_002, 100_003]);
+    assert!(rx.try_recv().is_err(), "one delivery for the ten");
+
+    // Caught up: every hand-over goes at once again.
+    saturation.note_unacked(0);
+    let start = tokio::time::Instant::now();
+    observable
+        .send(Feed {
+            messages: vec![message(11, 0, 0..1)],
+        })
+        .await
+        .expect("alive");
+    let got = rx.recv().await.expect("delivery");
+    assert_eq!(positions(&got), [110_001]);
+    assert_eq!(start.elapsed(), Duration::ZERO, "not held");
+}
+
+#[actix::test]
+async fn held_events_go_at_once_past_the_bound() {
+    tokio::time::pause();
+    let saturation = behind();
+    let observable = yielding(&saturation);
+    let (addr, mut rx) = probe(64, None);
+    subscribe(&observable, addr.recipient(), 100_000).await;
+    let start = tokio::time::Instant::now();
+    let per_message = 256;
+    let messages = MAX_HELD / per_message;
+    for offset in 1..=messages as u64 {
+        observable
+            .send(Feed {
+                messages: vec![message(offset, 0, 0..per_message as u64)],
+            })
+            .await
+            .expect("alive");
+    }
+    let got = rx.recv().await.expect("delivery");
+    assert_eq!(got.events.len(), MAX_HELD);
+    assert_eq!(start.elapsed(), Duration::ZERO, "the bound, not the timer");
+}
+
+#[actix::test]
+async fn a_gap_while_yielding_is_told_between_the_events_around_it() {
+    tokio::time::pause();
+    let saturation = behind();
+    let observable = yielding(&saturation);
+    let (addr, mut rx) = probe(64, None);
+    subscribe(&observable, addr.recipient(), 10_000).await;
+    for (offset, gap) in [(1, 0), (2, 0), (3, 5), (4, 0)] {
+        observable
+            .send(Feed {
+                messages: vec![message(offset, gap, 0..2)],
+            })
+            .await
+            .expect("alive");
+    }
+    // A trailing gap with no event after it.
+    observable
+        .send(Feed {
+            messages: vec![message(5, 7, 0..0)],
+        })
+        .await
+        .expect("alive");
+    assert_eq!(
+        told(&mut rx, 3).await,
+        [
+            ((0, 0), vec![10_001, 10_002, 20_001, 20_002]),
+            ((5, 30_000), vec![30_001, 30_002, 40_001, 40_002]),
+            ((7, 50_000), vec![]),
+        ]
+    );
+}
+
+#[actix::test]
+async fn a_resume_while_events_are_held_gets_each_event_once() {
+    tokio::time::pause();
+    let saturation = behind();
+    let observable = yielding(&saturation);
+    let (first, mut first_rx) = probe(64, None);
+    subscribe(&observable, first.recipient(), 100_000).await;
+    for offset in 1..=5 {
+        observable
+            .send(Feed {
+                messages: vec![message(offset, 0, 0..2)],
+            })
+            .await
+            .expect("alive");
+    }
+    // Held: the ring has them, the first observer not yet.
+    let (late, mut late_rx) = probe(64, None);
+    let resumed = observable
+        .send(subscribe_from(2, late.recipient(), Since::After(20_002)))
+        .await
+        .expect("alive");
+    assert_eq!(resumed, Resumed::Subscribed);
+    for offset in 6..=7 {
+        observable
+            .send(Feed {
+                messages: vec![message(offset, 0, 0..2)],
+            })
+            .await
+            .expect("alive");
+    }
+    let mut seen = Vec::new();
+    while seen.last() != Some(&70_002) {
+        let got = late_rx.recv().await.expect("delivery");
+        assert_eq!(got.missed, 0);
+        seen.extend(positions(&got));
+    }
+    let expected: Vec<u64> = (3..=7)
+        .flat_map(|o| [o * 10_000 + 1, o * 10_000 + 2])
+        .collect();
+    assert_eq!(seen, expected, "the replay and the held events meet once");
+    let mut seen = Vec::new();
+    while seen.last() != Some(&70_002) {
+        seen.extend(positions(&first_rx.recv().await.expect("delivery")));
+    }
+    let expected: Vec<u64> = (1..=7)
+        .flat_map(|o| [o * 10_000 + 1, o * 10_000 + 2])
+        .collect();
+    assert_eq!(seen, expected);
+}

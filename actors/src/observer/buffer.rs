@@ -299,6 +299,16 @@ impl Pending {
         skipped
     }
 
+    /// Whether the next frame is a `lagged` notice (see [`Pending::next_frame`]).
+    pub(super) fn notice_first(&self) -> bool {
+        self.unreported.events > 0
+            || (self.runs.is_empty() && self.tail.events > 0)
+            || self
+                .runs
+                .front()
+                .is_some_and(|run| run.missed_before.events > 0)
+    }
+
     /// Whether there is something to tell the client.
     pub(super) fn has_frame(&self) -> bool {
         self.unreported.events > 0 || self.len > 0 || self.tail.events > 0

@@ -5,7 +5,9 @@
 //! nothing is in flight.
 //!
 //! The signals are a channel permit awaited in a spawned future and the
-//! client's pongs: no polling, no timers on the data path.
+//! client's pongs: no polling. The one timer is the yield: while the
+//! datastore path is behind ([`crate::saturation`]), a frame of events
+//! waits for the end of the yield interval after the previous one.
 
 use std::time::{Duration, SystemTime};
 
@@ -45,6 +47,10 @@ impl Observer {
                 self.take_replay_step(ctx);
                 break;
             }
+            let notice = self.pending.notice_first();
+            if self.yields(ctx) {
+                break;
+            }
             let limits = FrameLimits {
                 max_events: self.settings.max_events_per_frame,
                 max_bytes: self.window.frame_bytes(),
@@ -63,6 +69,9 @@ impl Observer {
                     first.send(frame.message);
                     let now = Instant::now();
                     self.window.wrote(frame.text_len, now);
+                    if !notice {
+                        self.yield_until = self.next_frame_at(now);
+                    }
                     if self.window.ping_due() {
                         second.send(Message::Ping(self.window.ping(now)).into());
                     }
@@ -90,6 +99,37 @@ impl Observer {
                 TrySendError::Closed(()) => self.gone(ctx),
             }
         }
+    }
+
+    /// Whether the next frame must wait because the live path yields to the
+    /// datastore path (see [`crate::saturation`]): at most one frame of
+    /// events per `yield_interval` while it is behind. A notice waits too,
+    /// and goes with the next frame of events (one wake-up of the socket,
+    /// not two). Schedules a flush for when they may go.
+    fn yields(&mut self, ctx: &mut Context<Self>) -> bool {
+        let Some(until) = self.yield_until else {
+            return false;
+        };
+        let now = Instant::now();
+        if now >= until || !self.settings.saturation.is_behind() {
+            self.yield_until = None;
+            return false;
+        }
+        if !self.yield_timer {
+            self.yield_timer = true;
+            ctx.run_later(until - now, |act, ctx| {
+                act.yield_timer = false;
+                act.flush(ctx);
+            });
+        }
+        true
+    }
+
+    /// A frame of events went at `now`: while the datastore path is behind,
+    /// the next waits for the yield interval.
+    fn next_frame_at(&self, now: Instant) -> Option<Instant> {
+        (!self.settings.yield_interval.is_zero() && self.settings.saturation.is_behind())
+            .then(|| now + self.settings.yield_interval)
     }
 
     /// The limits of the frames built once per delivery for every observer

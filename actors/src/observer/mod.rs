@@ -34,6 +34,11 @@
 //! one. These pings are also the heartbeat: when nothing is in flight, one
 //! is sent every [`ObserverSettings::heartbeat`].
 //!
+//! While the datastore path is behind ([`crate::saturation`]), the Observer
+//! writes at most one frame of events per [`ObserverSettings::yield_interval`]
+//! (`LIVE_YIELD_INTERVAL`); what its buffer cannot keep meanwhile is dropped
+//! and told as for any slow client; the notice goes with the next frame.
+//!
 //! A session ends with a close frame whose code says why (see `protocol.rs`:
 //! 4000 [`CLOSE_STALLED`] and 4001 [`CLOSE_TIMEOUT`] for the two timeouts).
 //! The close frame always has room: one slot of the channel is reserved for it
@@ -145,6 +150,10 @@ pub struct Observer {
     replays: Option<Arc<Replays>>,
     /// A resume being read from the stream.
     replaying: Option<replay::Replaying>,
+    /// While the live path yields: no frame of events before this instant.
+    yield_until: Option<Instant>,
+    /// A flush is scheduled for `yield_until`.
+    yield_timer: bool,
 }
 
 impl Observer {
@@ -180,6 +189,8 @@ impl Observer {
             since: None,
             replays: None,
             replaying: None,
+            yield_until: None,
+            yield_timer: false,
         }
     }
 

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::buffer::OnFull;
+use crate::saturation::Saturation;
 
 /// Frames the outgoing channel holds for the socket (besides the slot
 /// reserved for the close frame): two frames, each with the ping that
@@ -75,6 +76,13 @@ pub struct ObserverSettings {
     /// and grows back when it is quick; a frame holds at most a quarter of
     /// the window (or one event, if larger).
     pub window_bytes: usize,
+    /// While the datastore path is behind ([`Saturation`]), at most one
+    /// frame of events per this interval (`LIVE_YIELD_INTERVAL`); the rest
+    /// waits in the buffer, where its policy drops and tells as ever. Zero:
+    /// never yield.
+    pub yield_interval: Duration,
+    /// Whether the datastore path is behind.
+    pub saturation: Saturation,
 }
 
 impl Default for ObserverSettings {
@@ -88,6 +96,8 @@ impl Default for ObserverSettings {
             stall_timeout: Duration::from_secs(30),
             max_lag: Duration::from_secs(2),
             window_bytes: 64 * 1024,
+            yield_interval: Duration::from_millis(250),
+            saturation: Saturation::never(),
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::live_event::tests::event;
 use crate::live_event::LiveEvent;
 use crate::messages::Publish;
 use crate::observable::CountObservers;
+use crate::saturation::Saturation;
 use crate::shared_frames::SharedFrames;
 
 /// The client's side of a session under test.
@@ -40,6 +41,8 @@ fn quiet(buffer: usize, on_full: OnFull) -> ObserverSettings {
         // The test events are from 2023: no freshness bound unless asked.
         max_lag: Duration::MAX,
         window_bytes: 1 << 20,
+        yield_interval: Duration::from_millis(100),
+        saturation: Saturation::never(),
     }
 }
 
@@ -564,4 +567,65 @@ async fn events_too_old_to_show_are_skipped_and_told() {
         received.iter().all(|n| *n >= 5),
         "stale events sent: {received:?}"
     );
+}
+
+#[actix::test]
+async fn while_the_datastore_path_is_behind_a_fast_client_gets_a_frame_per_interval() {
+    tokio::time::pause();
+    let saturation = Saturation::new(4);
+    let mut settings = quiet(8, OnFull::DropOldest);
+    settings.max_events_per_frame = 2;
+    settings.yield_interval = Duration::from_millis(100);
+    settings.saturation = saturation.clone();
+    let (mut client, _) = connect(settings, None, false);
+    saturation.note_unacked(4);
+    let start = tokio::time::Instant::now();
+    deliver(&client, 1..=6, 0).await;
+    assert_eq!(
+        numbers(next(&mut client).await),
+        [1, 2],
+        "the first at once"
+    );
+    // Six more: the buffer of eight keeps the newest; the two oldest are
+    // told with the next frame, which waits for the interval.
+    deliver(&client, 7..=12, 0).await;
+    // (The paused clock jumps to each timer, rounded up to a millisecond.)
+    let ms = |from: u64| Duration::from_millis(from)..Duration::from_millis(from + 5);
+    assert_eq!(lagged(next(&mut client).await), 2);
+    assert!(ms(100).contains(&start.elapsed()), "{:?}", start.elapsed());
+    assert_eq!(numbers(next(&mut client).await), [5, 6]);
+    assert!(ms(100).contains(&start.elapsed()), "{:?}", start.elapsed());
+    assert_eq!(numbers(next(&mut client).await), [7, 8]);
+    let last = start.elapsed();
+    assert!(ms(200).contains(&last), "{last:?}");
+
+    // Caught up: what is left goes as fast as the client reads.
+    saturation.note_unacked(0);
+    deliver(&client, 13..=13, 0).await;
+    let mut rest = Vec::new();
+    while rest.last() != Some(&13) {
+        rest.extend(numbers(next(&mut client).await));
+    }
+    assert_eq!(rest, [9, 10, 11, 12, 13]);
+    assert_eq!(start.elapsed(), last, "no more waiting");
+}
+
+#[actix::test]
+async fn a_zero_yield_interval_never_waits() {
+    tokio::time::pause();
+    let saturation = Saturation::new(4);
+    saturation.note_unacked(4);
+    let mut settings = quiet(8, OnFull::DropOldest);
+    settings.max_events_per_frame = 2;
+    settings.yield_interval = Duration::ZERO;
+    settings.saturation = saturation;
+    let (mut client, _) = connect(settings, None, false);
+    let start = tokio::time::Instant::now();
+    deliver(&client, 1..=6, 0).await;
+    let mut seen = Vec::new();
+    while seen.last() != Some(&6) {
+        seen.extend(numbers(next(&mut client).await));
+    }
+    assert_eq!(seen, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(start.elapsed(), Duration::ZERO);
 }
