@@ -54,6 +54,9 @@ use reader::read;
 /// declare, on a channel of its own.
 pub const BACKLOG_PROBE_EVERY: Duration = Duration::from_millis(250);
 
+/// How long one backlog probe may wait for its answer.
+const BACKLOG_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The Consumer's settings.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -81,8 +84,9 @@ pub struct ConsumerSettings {
     /// With `LIVE_FEED=stream`: ack a delivery only once its copy is in the
     /// stream, or after `max_wait` (see [`gate`]).
     pub feed_gate: Option<FeedGate>,
-    /// Told the unacked deliveries, so that the live path yields while the
-    /// prefetch window is full (see [`crate::saturation`]).
+    /// Told the unacked deliveries and the backlog at the broker, so that
+    /// the live path yields while events wait to be stored (see
+    /// [`crate::saturation`]).
     pub saturation: crate::saturation::Saturation,
 }
 
@@ -223,6 +227,8 @@ impl Consumer {
         // again once connected.
         self.settings.saturation.note_unacked(0);
         self.settings.saturation.note_ready(0);
+        // A probe on the old link answers (or times out) on its own.
+        self.probing = false;
         if let Some(link) = self.link.take() {
             close(link, "reconnecting");
         }
@@ -255,13 +261,20 @@ impl Consumer {
         self.probing = true;
         let channel = link.probe_channel.clone();
         let queue = self.settings.topology.ingest.clone();
-        let asked = async move { link::ready(&channel, &queue).await };
+        // A broker that does not answer is the connection's business; the
+        // probe only gives up and asks again later.
+        let asked = tokio::time::timeout(BACKLOG_PROBE_TIMEOUT, async move {
+            link::ready(&channel, &queue).await
+        });
         ctx.spawn(
             fut::wrap_future(asked).map(|answer, act: &mut Consumer, _| {
                 act.probing = false;
                 match answer {
-                    Ok(ready) => act.settings.saturation.note_ready(u64::from(ready)),
-                    Err(err) => log::debug!("cannot read the ingest queue's backlog: {err}"),
+                    Ok(Ok(ready)) => act.settings.saturation.note_ready(u64::from(ready)),
+                    Ok(Err(err)) => log::debug!("cannot read the ingest queue's backlog: {err}"),
+                    Err(_) => log::debug!(
+                        "the broker did not say how many messages wait within {BACKLOG_PROBE_TIMEOUT:?}"
+                    ),
                 }
             }),
         );
