@@ -635,6 +635,11 @@ async fn a_resume_ahead_of_this_instance_skips_what_the_client_has() {
     );
 }
 
+/// Hands `messages` to `observable` as the stream reader does.
+async fn feed(observable: &Addr<Observable>, messages: Vec<FeedMessage>) {
+    observable.send(Feed { messages }).await.expect("alive");
+}
+
 /// An Observable on the stream's positions that yields for 100 ms at a
 /// time while `saturation` says the datastore path is behind.
 fn yielding(saturation: &Saturation) -> Addr<Observable> {
@@ -664,12 +669,7 @@ async fn while_the_datastore_path_is_behind_deliveries_are_gathered_per_interval
     subscribe(&observable, addr.recipient(), 10_000).await;
     let start = tokio::time::Instant::now();
     for offset in 1..=10 {
-        observable
-            .send(Feed {
-                messages: vec![message(offset, 0, 0..3)],
-            })
-            .await
-            .expect("alive");
+        feed(&observable, vec![message(offset, 0, 0..3)]).await;
     }
     // Ten hand-overs from the stream, one delivery at the end of the interval.
     let got = rx.recv().await.expect("delivery");
@@ -682,12 +682,7 @@ async fn while_the_datastore_path_is_behind_deliveries_are_gathered_per_interval
     // Caught up: every hand-over goes at once again.
     saturation.note_unacked(0);
     let start = tokio::time::Instant::now();
-    observable
-        .send(Feed {
-            messages: vec![message(11, 0, 0..1)],
-        })
-        .await
-        .expect("alive");
+    feed(&observable, vec![message(11, 0, 0..1)]).await;
     let got = rx.recv().await.expect("delivery");
     assert_eq!(positions(&got), [110_001]);
     assert_eq!(start.elapsed(), Duration::ZERO, "not held");
@@ -704,12 +699,7 @@ async fn held_events_go_at_once_past_the_bound() {
     let per_message = 256;
     let messages = MAX_HELD / per_message;
     for offset in 1..=messages as u64 {
-        observable
-            .send(Feed {
-                messages: vec![message(offset, 0, 0..per_message as u64)],
-            })
-            .await
-            .expect("alive");
+        feed(&observable, vec![message(offset, 0, 0..per_message as u64)]).await;
     }
     let got = rx.recv().await.expect("delivery");
     assert_eq!(got.events.len(), MAX_HELD);
@@ -724,20 +714,10 @@ async fn a_gap_while_yielding_is_told_between_the_events_around_it() {
     let (addr, mut rx) = probe(64, None);
     subscribe(&observable, addr.recipient(), 10_000).await;
     for (offset, gap) in [(1, 0), (2, 0), (3, 5), (4, 0)] {
-        observable
-            .send(Feed {
-                messages: vec![message(offset, gap, 0..2)],
-            })
-            .await
-            .expect("alive");
+        feed(&observable, vec![message(offset, gap, 0..2)]).await;
     }
     // A trailing gap with no event after it.
-    observable
-        .send(Feed {
-            messages: vec![message(5, 7, 0..0)],
-        })
-        .await
-        .expect("alive");
+    feed(&observable, vec![message(5, 7, 0..0)]).await;
     assert_eq!(
         told(&mut rx, 3).await,
         [
@@ -756,12 +736,7 @@ async fn a_resume_while_events_are_held_gets_each_event_once() {
     let (first, mut first_rx) = probe(64, None);
     subscribe(&observable, first.recipient(), 100_000).await;
     for offset in 1..=5 {
-        observable
-            .send(Feed {
-                messages: vec![message(offset, 0, 0..2)],
-            })
-            .await
-            .expect("alive");
+        feed(&observable, vec![message(offset, 0, 0..2)]).await;
     }
     // Held: the ring has them, the first observer not yet.
     let (late, mut late_rx) = probe(64, None);
@@ -771,12 +746,7 @@ async fn a_resume_while_events_are_held_gets_each_event_once() {
         .expect("alive");
     assert_eq!(resumed, Resumed::Subscribed);
     for offset in 6..=7 {
-        observable
-            .send(Feed {
-                messages: vec![message(offset, 0, 0..2)],
-            })
-            .await
-            .expect("alive");
+        feed(&observable, vec![message(offset, 0, 0..2)]).await;
     }
     let mut seen = Vec::new();
     while seen.last() != Some(&70_002) {
