@@ -73,15 +73,13 @@ async fn fans_out_to_matching_observers_only() {
         (2, orders.recipient(), Some("orders.#")),
         (3, users.recipient(), Some("users.*")),
     ] {
-        observable
-            .send(Subscribe {
-                backlog: LiveBacklog::new(1_000_000),
-                id: ObserverId(id),
-                addr,
-                pattern: pattern.map(|p| TopicPattern::parse(p).expect("valid")),
-            })
-            .await
-            .expect("observable alive");
+        subscribe_as(
+            &observable,
+            id,
+            addr,
+            pattern.map(|p| TopicPattern::parse(p).expect("valid")),
+        )
+        .await;
     }
     observable
         .send(publish(vec![
@@ -123,15 +121,7 @@ async fn observers_without_filter_share_one_slice() {
     let (a, mut a_rx) = probe(16, None);
     let (b, mut b_rx) = probe(16, None);
     for (id, addr) in [(1, a.recipient()), (2, b.recipient())] {
-        observable
-            .send(Subscribe {
-                backlog: LiveBacklog::new(1_000_000),
-                id: ObserverId(id),
-                addr,
-                pattern: Some(TopicPattern::any()),
-            })
-            .await
-            .expect("observable alive");
+        subscribe_as(&observable, id, addr, Some(TopicPattern::any())).await;
     }
     observable
         .send(publish(vec![event("x", 1)]))
@@ -149,15 +139,7 @@ async fn a_full_mailbox_is_a_miss_reported_on_the_next_delivery() {
     let (slow, mut slow_rx) = probe(1, Some(gate_rx));
     let (fast, mut fast_rx) = probe(16, None);
     for (id, addr) in [(1, slow.recipient()), (2, fast.recipient())] {
-        observable
-            .send(Subscribe {
-                backlog: LiveBacklog::new(1_000_000),
-                id: ObserverId(id),
-                addr,
-                pattern: None,
-            })
-            .await
-            .expect("observable alive");
+        subscribe_as(&observable, id, addr, None).await;
     }
     // The first chunk fills the slow probe's mailbox; the next two are
     // missed. `send().await` returns once the Observable handled each
@@ -201,15 +183,7 @@ async fn closed_observers_are_removed() {
     };
     let (live, mut live_rx) = probe(16, None);
     for (id, addr) in [(1, dead.recipient()), (2, live.recipient())] {
-        observable
-            .send(Subscribe {
-                backlog: LiveBacklog::new(1_000_000),
-                id: ObserverId(id),
-                addr,
-                pattern: None,
-            })
-            .await
-            .expect("alive");
+        subscribe_as(&observable, id, addr, None).await;
     }
     assert_eq!(observable.send(CountObservers).await.expect("alive"), 2);
     observable
@@ -223,6 +197,24 @@ async fn closed_observers_are_removed() {
         .await
         .expect("alive");
     assert_eq!(observable.send(CountObservers).await.expect("alive"), 0);
+}
+
+/// Subscribes observer `id` with `pattern` and room for any backlog.
+async fn subscribe_as(
+    observable: &Addr<Observable>,
+    id: u64,
+    addr: Recipient<Deliver>,
+    pattern: Option<TopicPattern>,
+) {
+    observable
+        .send(Subscribe {
+            backlog: LiveBacklog::new(1_000_000),
+            id: ObserverId(id),
+            addr,
+            pattern,
+        })
+        .await
+        .expect("observable alive");
 }
 
 async fn subscribe(observable: &Addr<Observable>, addr: Recipient<Deliver>, backlog: usize) {

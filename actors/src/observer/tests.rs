@@ -89,13 +89,18 @@ fn live(keys_and_numbers: impl IntoIterator<Item = u64>) -> Arc<[Arc<LiveEvent>]
 }
 
 async fn deliver(client: &Client, numbers: impl IntoIterator<Item = u64>, missed: u64) {
+    deliver_events(client, live(numbers), missed).await;
+}
+
+/// Hands the Observer `events`, after `missed` missed, as the Observable does.
+async fn deliver_events(client: &Client, events: Arc<[Arc<LiveEvent>]>, missed: u64) {
     client
         .addr
         .send(Deliver {
             missed_through: 0,
             permit: None,
             frames: SharedFrames::default(),
-            events: live(numbers),
+            events,
             missed,
         })
         .await
@@ -428,17 +433,7 @@ async fn a_client_that_does_not_acknowledge_is_sent_one_window_at_most() {
     let mut settings = quiet(1000, OnFull::DropOldest);
     settings.window_bytes = 10_000;
     let (mut client, _) = connect(settings, None, false);
-    client
-        .addr
-        .send(Deliver {
-            missed_through: 0,
-            permit: None,
-            frames: SharedFrames::default(),
-            events: sized(0..100, 1000, Duration::ZERO),
-            missed: 0,
-        })
-        .await
-        .expect("observer alive");
+    deliver_events(&client, sized(0..100, 1000, Duration::ZERO), 0).await;
     // Read without answering pings: frames of two events (a frame holds
     // a quarter of the window) until 10 000 bytes are unacknowledged,
     // then nothing more comes.
@@ -505,17 +500,7 @@ async fn a_client_that_reads_but_never_acknowledges_is_closed_as_stalled() {
     settings.window_bytes = 4096;
     settings.stall_timeout = Duration::from_secs(5);
     let (mut client, _) = connect(settings, None, false);
-    client
-        .addr
-        .send(Deliver {
-            missed_through: 0,
-            permit: None,
-            frames: SharedFrames::default(),
-            events: sized(0..100, 1000, Duration::ZERO),
-            missed: 0,
-        })
-        .await
-        .expect("observer alive");
+    deliver_events(&client, sized(0..100, 1000, Duration::ZERO), 0).await;
     // Frames and pings are read, pongs never sent: the window stays
     // full while events wait, and the stall timeout ends the session.
     let code = loop {
@@ -534,17 +519,7 @@ async fn events_too_old_to_show_are_skipped_and_told() {
     settings.max_lag = Duration::from_secs(2);
     let (mut client, _) = connect(settings, None, false);
     for (events, ago) in [(0..5, 3), (5..8, 0)] {
-        client
-            .addr
-            .send(Deliver {
-                missed_through: 0,
-                permit: None,
-                frames: SharedFrames::default(),
-                events: sized(events, 100, Duration::from_secs(ago)),
-                missed: 0,
-            })
-            .await
-            .expect("observer alive");
+        deliver_events(&client, sized(events, 100, Duration::from_secs(ago)), 0).await;
     }
     // Delivered together, the five old ones never reach the client.
     let mut frames = Vec::new();
